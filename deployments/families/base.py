@@ -1,0 +1,77 @@
+"""The protocol a model family implements: three roles, each loading only its own weights.
+
+A family module (e.g. `flux.py`) defines `TextEncoding`, `Denoising` and `Decoding` classes with the
+signatures below, in diffusers' vocabulary. Families know nothing of Ray; the deployments know
+nothing of a family's internals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Protocol
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """Where and how a role loads its weights."""
+
+    path: str  # local diffusers folder or hub id (already resolved from builtin:...)
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    device: str  # "cpu" | "cuda"
+    max_sequence_length: int = 512
+
+
+@dataclass(frozen=True)
+class TokenizedPrompts:
+    input_ids: tuple["torch.Tensor", ...]  # per tokenizer, (batch, seq)
+    # Tokens each prompt needs on the sequence tokenizer, before truncation (specials included).
+    token_counts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class EncodedPrompts:
+    prompt_embeds: "torch.Tensor"  # (batch, seq, dim)
+    pooled_prompt_embeds: Optional["torch.Tensor"]  # (batch, dim) or None
+
+
+@dataclass(frozen=True)
+class DenoiseInputs:
+    """One same-shape batch for the transformer: rows of embeddings, one seed per row."""
+
+    prompt_embeds: "torch.Tensor"
+    pooled_prompt_embeds: Optional["torch.Tensor"]
+    seeds: tuple[int, ...]
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+
+
+class TextEncoding(Protocol):
+    def __init__(self, load: LoadSpec) -> None: ...
+
+    def tokenize(self, prompts: list[str]) -> TokenizedPrompts: ...
+
+    def encode_prompt(self, tokens: TokenizedPrompts) -> EncodedPrompts: ...
+
+
+class Denoising(Protocol):
+    def __init__(self, load: LoadSpec) -> None: ...
+
+    def denoise(self, inputs: DenoiseInputs) -> "torch.Tensor": ...
+
+
+class Decoding(Protocol):
+    def __init__(self, load: LoadSpec) -> None: ...
+
+    def decode(self, latents: "torch.Tensor", height: int, width: int) -> list["Image.Image"]: ...
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]

@@ -1,0 +1,157 @@
+"""FLUX.1 in three roles, built on diffusers' own FluxPipeline components and methods.
+
+For one checkpoint, seed and settings the three roles chained give the image
+`FluxPipeline.__call__` gives in-process: tokenization and encoding follow
+`FluxPipeline._get_clip_prompt_embeds` / `_get_t5_prompt_embeds` (diffusers 0.42.1), denoising *is*
+`FluxPipeline.__call__` (with embeddings in and latents out, a fresh scheduler per call, one CPU
+`torch.Generator` per image), and decoding follows the tail of `FluxPipeline.__call__`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deployments.families.base import (
+    DenoiseInputs,
+    EncodedPrompts,
+    LoadSpec,
+    TokenizedPrompts,
+    torch_dtype,
+)
+
+
+def vae_scale_factor(path: str) -> int:
+    """Read from the checkpoint's VAE config (a pipeline built without a VAE assumes 8)."""
+    from diffusers import AutoencoderKL
+
+    config = AutoencoderKL.load_config(path, subfolder="vae")
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+class TextEncoding:
+    """CLIP-L (pooled) + T5 (sequence). Owns its tokenizers: never share one across threads."""
+
+    def __init__(self, load: LoadSpec):
+        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        dtype = torch_dtype(load.dtype)
+        self.device = torch.device(load.device)
+        self.max_sequence_length = load.max_sequence_length
+        self.tokenizer = CLIPTokenizer.from_pretrained(load.path, subfolder="tokenizer")
+        self.tokenizer_2 = T5TokenizerFast.from_pretrained(load.path, subfolder="tokenizer_2")
+        self.text_encoder = CLIPTextModel.from_pretrained(
+            load.path, subfolder="text_encoder", torch_dtype=dtype
+        ).to(self.device).eval()
+        self.text_encoder_2 = T5EncoderModel.from_pretrained(
+            load.path, subfolder="text_encoder_2", torch_dtype=dtype
+        ).to(self.device).eval()
+        self.clip_max_length = self.tokenizer.model_max_length
+
+    def tokenize(self, prompts: list[str]) -> TokenizedPrompts:
+        clip_ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.clip_max_length,
+            truncation=True,
+            return_overflowing_tokens=False,
+            return_length=False,
+            return_tensors="pt",
+        ).input_ids
+        t5_ids = self.tokenizer_2(
+            prompts,
+            padding="max_length",
+            max_length=self.max_sequence_length,
+            truncation=True,
+            return_length=False,
+            return_overflowing_tokens=False,
+            return_tensors="pt",
+        ).input_ids
+        counts = tuple(len(ids) for ids in self.tokenizer_2(prompts).input_ids)
+        return TokenizedPrompts(input_ids=(clip_ids, t5_ids), token_counts=counts)
+
+    @torch.no_grad()
+    def encode_prompt(self, tokens: TokenizedPrompts) -> EncodedPrompts:
+        clip_ids, t5_ids = tokens.input_ids
+        pooled = self.text_encoder(clip_ids.to(self.device), output_hidden_states=False)
+        pooled = pooled.pooler_output.to(dtype=self.text_encoder.dtype)
+        embeds = self.text_encoder_2(t5_ids.to(self.device), output_hidden_states=False)[0]
+        embeds = embeds.to(dtype=self.text_encoder_2.dtype)
+        return EncodedPrompts(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+
+
+class Denoising:
+    """The FLUX transformer inside a plain FluxPipeline with no VAE or text encoders."""
+
+    def __init__(self, load: LoadSpec, transformer=None):
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+        self.device = torch.device(load.device)
+        if transformer is None:
+            transformer = FluxTransformer2DModel.from_pretrained(
+                load.path, subfolder="transformer", torch_dtype=torch_dtype(load.dtype)
+            )
+        self.transformer = transformer.to(self.device).eval()
+        self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(
+            load.path, subfolder="scheduler"
+        )
+        self.vae_scale_factor = vae_scale_factor(load.path)
+
+    def pipeline(self):
+        """A pipeline for one call: shares the transformer, owns a fresh scheduler (a shared one
+        races on `set_timesteps` when calls overlap)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+        pipe = FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config),
+            vae=None,
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+            transformer=self.transformer,
+        )
+        pipe.vae_scale_factor = self.vae_scale_factor
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def denoise(self, inputs: DenoiseInputs) -> torch.Tensor:
+        dtype = self.transformer.dtype
+        pooled = inputs.pooled_prompt_embeds
+        latents = self.pipeline()(
+            prompt_embeds=inputs.prompt_embeds.to(self.device, dtype),
+            pooled_prompt_embeds=pooled.to(self.device, dtype),
+            height=inputs.height,
+            width=inputs.width,
+            num_inference_steps=inputs.num_inference_steps,
+            guidance_scale=inputs.guidance_scale,
+            generator=[torch.Generator("cpu").manual_seed(s) for s in inputs.seeds],
+            output_type="latent",
+            return_dict=False,
+        )[0]
+        return latents.cpu()
+
+
+class Decoding:
+    """The VAE: unpack FLUX latents, undo the latent scaling, decode, postprocess to PIL."""
+
+    def __init__(self, load: LoadSpec):
+        from diffusers import AutoencoderKL
+        from diffusers.image_processor import VaeImageProcessor
+
+        self.device = torch.device(load.device)
+        self.vae = AutoencoderKL.from_pretrained(
+            load.path, subfolder="vae", torch_dtype=torch_dtype(load.dtype)
+        ).to(self.device).eval()
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, height: int, width: int):
+        from diffusers import FluxPipeline
+
+        latents = FluxPipeline._unpack_latents(latents, height, width, self.vae_scale_factor)
+        config = self.vae.config
+        latents = (latents / config.scaling_factor) + config.shift_factor
+        image = self.vae.decode(latents.to(self.device, self.vae.dtype), return_dict=False)[0]
+        return self.image_processor.postprocess(image, output_type="pil")
