@@ -1,0 +1,118 @@
+"""Denoiser deployment: prompt embeddings -> latents, batched by shape, run on a worker group.
+
+A batch is split by shape key (height, width, steps, guidance); each group is one transformer call
+with one row per image. Every image gets its own `torch.Generator` from its seed and every call its
+own scheduler, so an image depends only on its own request. A failure is reported per request:
+a broken worker group gives a retryable 503 and fails the health check so Serve replaces the
+replica; any other failure gives a 500 that carries the request id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ray import serve
+
+from deployments.batching import denoise_key, group_by, images_in, row_slices
+from deployments.families.base import DenoiseInputs
+from deployments.payloads import GenerationSpec, Latents, PromptEmbeddings, Rejected
+from deployments.runtime import Stopwatch, logger, raise_if_error
+from deployments.sp_group import WorkerGroup, WorkerGroupBroken
+from serve_app.errors import StageFailure, Unavailable
+
+HEALTH_PING_TIMEOUT_S = 10.0
+STARTUP_TIMEOUT_S = 1800.0
+
+
+@dataclass(frozen=True)
+class DenoiseItem:
+    spec: GenerationSpec
+    embeddings: PromptEmbeddings
+
+
+def stack_inputs(items: list[DenoiseItem]) -> DenoiseInputs:
+    """One transformer batch from same-shape requests: each prompt's rows repeated n times."""
+    import torch
+
+    spec = items[0].spec
+    pooled = [it.embeddings.pooled_prompt_embeds for it in items]
+    return DenoiseInputs(
+        prompt_embeds=torch.cat([it.embeddings.prompt_embeds.repeat(it.spec.n, 1, 1) for it in items]),
+        pooled_prompt_embeds=None
+        if pooled[0] is None
+        else torch.cat([p.repeat(it.spec.n, 1) for p, it in zip(pooled, items)]),
+        seeds=tuple(seed for it in items for seed in it.spec.seeds),
+        height=spec.height,
+        width=spec.width,
+        num_inference_steps=spec.num_inference_steps,
+        guidance_scale=spec.guidance_scale,
+    )
+
+
+@serve.deployment(
+    name="Denoiser",
+    max_ongoing_requests=16,
+    health_check_period_s=5,
+    health_check_timeout_s=30,
+)
+class Denoiser:
+    def __init__(self, config):
+        self._group = WorkerGroup(config)
+        self._workers = self._group.start(STARTUP_TIMEOUT_S)
+        batching = config.denoiser.batching
+        self._denoise_batch.set_max_batch_size(batching.max_batch_size)
+        self._denoise_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+
+    async def denoise(
+        self, embeddings: PromptEmbeddings | Rejected, spec: GenerationSpec
+    ) -> Latents | Rejected:
+        if isinstance(embeddings, Rejected):
+            return embeddings
+        return raise_if_error(await self._denoise_batch(DenoiseItem(spec, embeddings)))
+
+    async def ready(self) -> dict:
+        await self._group.check(HEALTH_PING_TIMEOUT_S)
+        return {"stage": "denoiser", "workers": self._workers}
+
+    async def check_health(self) -> None:
+        await self._group.check(HEALTH_PING_TIMEOUT_S)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, batch_size_fn=images_in)
+    async def _denoise_batch(self, items: list[DenoiseItem]) -> list:
+        results: list = [None] * len(items)
+        for members in group_by(items, lambda it: denoise_key(it.spec)):
+            group = [items[i] for i in members]
+            ids = [it.spec.request_id for it in group]
+            watch = Stopwatch("denoiser")
+            try:
+                latents = await self._group.run(stack_inputs(group))
+            except WorkerGroupBroken as exc:
+                logger.error("denoiser worker group broken (%s); requests %s", exc, ids)
+                for i in members:
+                    results[i] = Unavailable("the denoiser is restarting; retry the request")
+                continue
+            except Exception:
+                logger.exception("denoiser batch failed; requests %s", ids)
+                for i, it in zip(members, group):
+                    results[i] = StageFailure("denoiser", it.spec.request_id)
+                continue
+            trace = watch.trace(len(latents))
+            for i, it, rows in zip(members, group, row_slices([it.spec.n for it in group])):
+                results[i] = Latents(
+                    spec=it.spec,
+                    latents=latents[rows].clone(),
+                    trace=it.embeddings.trace + (trace,),
+                )
+            logger.info(
+                "denoiser batch=%d images requests=%s key=%s %.3fs",
+                len(latents),
+                ids,
+                denoise_key(group[0].spec),
+                trace.seconds,
+            )
+        return results
+
+    def __del__(self):
+        group = getattr(self, "_group", None)
+        if group is not None:
+            group.shutdown()

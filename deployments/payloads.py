@@ -1,0 +1,96 @@
+"""What crosses between stages: frozen dataclasses of CPU tensors, shapes, seeds and request ids.
+
+Every payload belongs to exactly one request. Tensors in a payload are that request's rows only
+(cloned out of the batch, so pickling one never ships another request's data) and live on the CPU
+(a pickled CUDA tensor would land on a device index that may not exist in the next process).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class StageTrace:
+    """How one stage handled a request: the size of the batch it ran in and the batch's seconds."""
+
+    stage: str
+    batch_size: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """Everything about a request the denoiser and decoder need, besides the prompt embeddings."""
+
+    request_id: str
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    seeds: tuple[int, ...]  # one per image: image i of the request is generated from seeds[i]
+    output_format: str = "png"
+    output_compression: Optional[int] = None
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+
+@dataclass(frozen=True)
+class EncodeRequest:
+    request_id: str
+    prompt: str
+
+
+@dataclass(frozen=True)
+class PromptEmbeddings:
+    """One prompt's embeddings, named as diffusers' pipelines name their keyword arguments."""
+
+    request_id: str
+    prompt_embeds: "torch.Tensor"  # (1, seq, dim)
+    pooled_prompt_embeds: Optional["torch.Tensor"] = None  # (1, dim)
+    input_ids: tuple["torch.Tensor", ...] = ()  # per tokenizer, (seq,) as fed to its encoder
+    trace: tuple[StageTrace, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Latents:
+    """A request's denoised latents (n, ...) in the family's own layout (packed for FLUX)."""
+
+    spec: GenerationSpec
+    latents: "torch.Tensor"
+    trace: tuple[StageTrace, ...] = field(default=())
+
+    @property
+    def request_id(self) -> str:
+        return self.spec.request_id
+
+
+@dataclass(frozen=True)
+class EncodedImages:
+    """A request's images, encoded (png/jpeg/webp bytes), in seed order."""
+
+    request_id: str
+    images: tuple[bytes, ...]
+    output_format: str
+    width: int
+    height: int
+    trace: tuple[StageTrace, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A request a stage refused for a client reason (e.g. a prompt over the token limit).
+
+    It travels down the DAG as a value instead of an exception: the later stages pass it on
+    untouched and the ingress turns `error` into its 4xx, with no traceback logged for a client
+    mistake. Server-side failures are raised instead.
+    """
+
+    request_id: str
+    error: Exception

@@ -1,0 +1,75 @@
+"""Per-process helpers shared by the stages: device choice, torch threads, a serial executor."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, TypeVar
+
+from deployments.families.base import LoadSpec
+from deployments.payloads import StageTrace
+
+T = TypeVar("T")
+
+# Serve's logger: records land in the replica's log file with the request id of the context.
+logger = logging.getLogger("ray.serve")
+
+
+def stage_device(setting: str) -> str:
+    """`auto` means cuda exactly when Ray gave this process a GPU."""
+    if setting != "auto":
+        return setting
+    import ray
+
+    return "cuda" if ray.get_gpu_ids() else "cpu"
+
+
+def configure_torch(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def load_spec(config, device: str) -> LoadSpec:
+    """How this process loads its role of the configured model (builtin models made here)."""
+    from serve_app.tiny.store import resolve_model_path
+
+    return LoadSpec(
+        path=resolve_model_path(config.model.path),
+        dtype=config.model.dtype,
+        device=device,
+        max_sequence_length=config.model.max_sequence_length,
+    )
+
+
+class SerialExecutor:
+    """Runs blocking model work on one dedicated thread, so the replica's event loop stays free
+    (health checks, batch assembly) and the model and its tokenizers see one thread only."""
+
+    def __init__(self, name: str):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    async def run(self, fn: Callable[..., T], *args) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Stopwatch:
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.start = time.perf_counter()
+
+    def trace(self, batch_size: int) -> StageTrace:
+        return StageTrace(self.stage, batch_size, time.perf_counter() - self.start)
+
+
+def raise_if_error(result):
+    """`@serve.batch` delivers an exception returned in a slot as a value: raise it per request."""
+    if isinstance(result, BaseException):
+        raise result
+    return result

@@ -1,0 +1,155 @@
+"""Typed arguments of a dit-serve application: the `args:` block of a Serve config file.
+
+Every field is described and bounded; unknown keys are rejected, so a typo in a YAML file fails the
+deploy with a message that names it instead of being silently ignored. Serve's own per-deployment
+options (autoscaling, replica resources, max_ongoing_requests) stay in the config's `deployments:`
+block, where Ray Serve users expect them; `build_app` fills in safe defaults for them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from deployments.families.specs import family_spec
+
+SIZE_RE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    name: str = Field(
+        "tiny-flux",
+        min_length=1,
+        max_length=200,
+        description="The model id clients see in GET /v1/models and pass as `model`.",
+    )
+    family: Literal["flux"] = Field("flux", description="The diffusers pipeline family.")
+    path: str = Field(
+        "builtin:tiny-flux",
+        min_length=1,
+        description=(
+            "A local diffusers-format folder (absolute path), a hub id (downloaded only when the"
+            " host has network), or `builtin:tiny-flux`, the embedded tiny model made locally."
+        ),
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights and activation dtype for every stage."
+    )
+    max_sequence_length: int = Field(
+        512, ge=16, le=512, description="T5 tokens per prompt; longer prompts get a 400."
+    )
+
+
+class BatchingConfig(_Strict):
+    max_batch_size: int = Field(
+        8, ge=1, le=256, description="Most items in one batch (images for the denoiser)."
+    )
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0.0, le=10.0, description="How long a batch waits to fill after its first item."
+    )
+
+
+class StageConfig(_Strict):
+    batching: BatchingConfig = BatchingConfig()
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="`auto`: cuda when Ray gave the replica a GPU, else cpu."
+    )
+    torch_threads: Optional[int] = Field(
+        None, ge=1, le=256, description="torch intra-op threads in this stage's processes."
+    )
+
+
+class DenoiserConfig(StageConfig):
+    ulysses_degree: int = Field(1, ge=1, le=64, description="xDiT Ulysses sequence-parallel degree.")
+    ring_degree: int = Field(1, ge=1, le=64, description="xDiT ring-attention degree.")
+    worker_num_gpus: float = Field(
+        0.0, ge=0.0, le=1.0, description="GPUs per worker actor (one worker per SP rank)."
+    )
+    worker_num_cpus: float = Field(1.0, ge=0.0, le=64.0, description="CPUs per worker actor.")
+    replica_num_cpus: float = Field(
+        0.1, gt=0.0, le=64.0, description="CPUs of the replica actor itself (placement bundle 0)."
+    )
+    worker_call_timeout_s: float = Field(
+        900.0, gt=0.0, description="A worker call taking longer marks the worker group broken."
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.ulysses_degree * self.ring_degree
+
+    @model_validator(mode="after")
+    def _worker_has_resources(self) -> "DenoiserConfig":
+        if self.worker_num_gpus == 0 and self.worker_num_cpus == 0:
+            raise ValueError("a denoiser worker needs worker_num_gpus > 0 or worker_num_cpus > 0")
+        return self
+
+
+class LimitsConfig(_Strict):
+    min_size: int = Field(64, ge=16, le=8192, description="Smallest width/height in pixels.")
+    max_size: int = Field(512, ge=16, le=8192, description="Largest width/height in pixels.")
+    max_n: int = Field(4, ge=1, le=64, description="Most images per request.")
+    max_steps: int = Field(50, ge=1, le=1000, description="Most num_inference_steps.")
+    max_guidance_scale: float = Field(20.0, ge=0.0, le=100.0)
+    max_prompt_chars: int = Field(4000, ge=1, le=100_000)
+
+
+class DefaultsConfig(_Strict):
+    size: str = Field("256x256", description="Used when a request gives no size.")
+    num_inference_steps: int = Field(4, ge=1)
+    guidance_scale: float = Field(3.5, ge=0.0)
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+
+
+class ImageStoreConfig(_Strict):
+    directory: Optional[str] = Field(
+        None, description="Where url-format images are written; default: a temp folder."
+    )
+    public_base_url: Optional[str] = Field(
+        None, description="Base of returned image URLs; default: the base URL the client used."
+    )
+
+
+class AppConfig(_Strict):
+    model: ModelConfig = ModelConfig()
+    text_encoder: StageConfig = StageConfig()
+    denoiser: DenoiserConfig = DenoiserConfig()
+    vae_decoder: StageConfig = StageConfig()
+    limits: LimitsConfig = LimitsConfig()
+    defaults: DefaultsConfig = DefaultsConfig()
+    image_store: ImageStoreConfig = ImageStoreConfig()
+
+    @property
+    def size_multiple(self) -> int:
+        """Width and height must be multiples of this: the family's latent patch in pixels."""
+        return family_spec(self.model.family).size_multiple
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "AppConfig":
+        lim, m = self.limits, self.size_multiple
+        if lim.min_size > lim.max_size:
+            raise ValueError("limits.min_size must not exceed limits.max_size")
+        for name in ("min_size", "max_size"):
+            if getattr(lim, name) % m:
+                raise ValueError(f"limits.{name} must be a multiple of {m}")
+        for stage in ("denoiser", "vae_decoder"):  # their batches are weighed in images
+            if lim.max_n > getattr(self, stage).batching.max_batch_size:
+                raise ValueError(f"limits.max_n must not exceed {stage}.batching.max_batch_size")
+        if self.denoiser.world_size != 1:
+            raise ValueError("sequence parallelism (ulysses_degree/ring_degree > 1) is not available yet")
+        match = SIZE_RE.match(self.defaults.size)
+        if not match:
+            raise ValueError("defaults.size must look like 1024x1024")
+        w, h = int(match[1]), int(match[2])
+        if not all(lim.min_size <= v <= lim.max_size and v % m == 0 for v in (w, h)):
+            raise ValueError("defaults.size must be within limits and a multiple of the patch size")
+        if self.defaults.num_inference_steps > lim.max_steps:
+            raise ValueError("defaults.num_inference_steps exceeds limits.max_steps")
+        if self.defaults.guidance_scale > lim.max_guidance_scale:
+            raise ValueError("defaults.guidance_scale exceeds limits.max_guidance_scale")
+        return self

@@ -1,0 +1,125 @@
+"""The one place where exceptions become HTTP statuses and OpenAI-style error bodies.
+
+Client mistakes (`ApiError` subclasses) become 4xx bodies that name the bad parameter. Anything else
+becomes a 5xx whose body carries only the request id; the traceback goes to the log, never the body.
+The exception classes are plain, picklable and torch-free: stages raise them and they cross Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+logger = logging.getLogger("dit_serve")
+
+
+class ApiError(Exception):
+    """An error with a meaning for the client: status, OpenAI error type/code, parameter."""
+
+    status = 400
+    type = "invalid_request_error"
+    code: str | None = None
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message, param)
+        self.message = message
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidParameter(ApiError):
+    code = "invalid_parameter"
+
+
+class InvalidJson(ApiError):
+    code = "invalid_json"
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    code = "payload_too_large"
+
+
+class ModelNotFound(ApiError):
+    status = 404
+    code = "model_not_found"
+
+
+class NotFound(ApiError):
+    status = 404
+    code = "not_found"
+
+
+class Unavailable(ApiError):
+    """The service cannot take the request now; the client may retry (503 + Retry-After)."""
+
+    status = 503
+    type = "server_error"
+    code = "unavailable"
+    retry_after_s = 5
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """Ray wraps an exception raised in another process (RayTaskError, possibly nested when it
+    crossed several stages); the original is kept as `.cause`."""
+    seen = 0
+    while hasattr(exc, "cause") and isinstance(exc.cause, BaseException) and seen < 8:
+        exc, seen = exc.cause, seen + 1
+    return exc
+
+
+def classify(exc: BaseException) -> BaseException:
+    """The error as the client should see it: an ApiError, or the unwrapped server failure."""
+    exc = _unwrap(exc)
+    if isinstance(exc, ApiError):
+        return exc
+    from ray import exceptions as ray_exc
+
+    if isinstance(exc, (ray_exc.ActorDiedError, ray_exc.ActorUnavailableError)):
+        return Unavailable("a serving stage restarted; retry the request")
+    return exc
+
+
+def error_response(exc: BaseException, request_id: str) -> JSONResponse:
+    """The HTTP response for any exception; logs server-side failures with the request id."""
+    exc = classify(exc)
+    headers: dict[str, str] = {}  # the Serve proxy itself echoes x-request-id
+    if isinstance(exc, ApiError):
+        if isinstance(exc, Unavailable):
+            headers["Retry-After"] = str(exc.retry_after_s)
+            logger.warning("request %s unavailable: %s", request_id, exc.message)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    logger.error("request %s failed", request_id, exc_info=exc)
+    body = {
+        "error": {
+            "message": f"internal server error (request id {request_id})",
+            "type": "server_error",
+            "param": None,
+            "code": "internal_error",
+            "request_id": request_id,
+        }
+    }
+    return JSONResponse(body, status_code=500, headers=headers)
+
+
+class StageFailure(Exception):
+    """A stage failed on its side; its log has the traceback under the request id."""
+
+    def __init__(self, stage: str, request_id: str):
+        super().__init__(stage, request_id)
+        self.stage = stage
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        return f"stage {self.stage} failed for request {self.request_id}"
