@@ -35,14 +35,28 @@ def denoiser_options(config: AppConfig) -> dict[str, Any]:
     }
 
 
-def build_app(args: Optional[dict] = None) -> Application:
+def build_graph(
+    config: AppConfig, deployment_options: Optional[dict[str, dict[str, Any]]] = None
+) -> Application:
+    """Bind the DAG for a validated config. `deployment_options` maps a deployment name to Serve
+    options laid over the defaults, as a config file's `deployments:` block would."""
     from deployments.denoiser import Denoiser
     from deployments.text_encoder import TextEncoder
     from deployments.vae_decoder import VAEDecoder
     from serve_app.ingress import ImagesAPI
 
+    extra = deployment_options or {}
+
+    def options(deployment, defaults: dict[str, Any]):
+        return deployment.options(**{**defaults, **extra.get(deployment.name, {})})
+
+    text_encoder = options(TextEncoder, stage_options(config.text_encoder)).bind(config)
+    denoiser = options(Denoiser, denoiser_options(config)).bind(config)
+    vae_decoder = options(VAEDecoder, stage_options(config.vae_decoder)).bind(config)
+    return options(ImagesAPI, {}).bind(text_encoder, denoiser, vae_decoder, config)
+
+
+def build_app(args: Optional[dict] = None) -> Application:
+    """The import_path target: validate `args` (see AppConfig) and bind the DAG."""
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
-    text_encoder = TextEncoder.options(**stage_options(config.text_encoder)).bind(config)
-    denoiser = Denoiser.options(**denoiser_options(config)).bind(config)
-    vae_decoder = VAEDecoder.options(**stage_options(config.vae_decoder)).bind(config)
-    return ImagesAPI.bind(text_encoder, denoiser, vae_decoder, config)
+    return build_graph(config)

@@ -40,10 +40,10 @@ class TextEncoding:
         self.tokenizer = CLIPTokenizer.from_pretrained(load.path, subfolder="tokenizer")
         self.tokenizer_2 = T5TokenizerFast.from_pretrained(load.path, subfolder="tokenizer_2")
         self.text_encoder = CLIPTextModel.from_pretrained(
-            load.path, subfolder="text_encoder", torch_dtype=dtype
+            load.path, subfolder="text_encoder", dtype=dtype
         ).to(self.device).eval()
         self.text_encoder_2 = T5EncoderModel.from_pretrained(
-            load.path, subfolder="text_encoder_2", torch_dtype=dtype
+            load.path, subfolder="text_encoder_2", dtype=dtype
         ).to(self.device).eval()
         self.clip_max_length = self.tokenizer.model_max_length
 
@@ -88,7 +88,7 @@ class Denoising:
         self.device = torch.device(load.device)
         if transformer is None:
             transformer = FluxTransformer2DModel.from_pretrained(
-                load.path, subfolder="transformer", torch_dtype=torch_dtype(load.dtype)
+                load.path, subfolder="transformer", dtype=torch_dtype(load.dtype)
             )
         self.transformer = transformer.to(self.device).eval()
         self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(
@@ -141,7 +141,7 @@ class Decoding:
 
         self.device = torch.device(load.device)
         self.vae = AutoencoderKL.from_pretrained(
-            load.path, subfolder="vae", torch_dtype=torch_dtype(load.dtype)
+            load.path, subfolder="vae", dtype=torch_dtype(load.dtype)
         ).to(self.device).eval()
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
