@@ -1,0 +1,53 @@
+"""`serve run configs/local.yaml` (what `make serve` runs): a PNG back over HTTP, clean Ctrl-C."""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+
+import requests
+from PIL import Image
+
+from tests.e2e.conftest import BIN, config_copy, free_port, interrupt, port_is_free, wait_healthy
+
+
+def test_serve_run_local_config(tmp_path, user_env):
+    port = free_port()
+    config = config_copy(tmp_path, "local.yaml", port)
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "serve"), "run", str(config)],
+        cwd=tmp_path,  # not the checkout: the installed package is what serves
+        env=user_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, timeout_s=300, proc=proc)
+        # the README's curl call
+        r = requests.post(
+            f"{url}/v1/images/generations",
+            json={"prompt": "a lighthouse at dawn", "size": "192x128", "seed": 7},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        png = base64.b64decode(r.json()["data"][0]["b64_json"])
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(io.BytesIO(png)) as im:
+            assert im.format == "PNG" and im.size == (192, 128)
+        # the README's openai client call
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        result = client.images.generate(model="tiny-flux", prompt="a red fox", size="64x64", n=2)
+        assert len(result.data) == 2 and all(d.b64_json for d in result.data)
+        assert requests.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"] == "tiny-flux"
+    finally:
+        code = interrupt(proc)
+        log.close()
+    output = (tmp_path / "serve.log").read_text(errors="replace")
+    assert port_is_free(port), "the proxy is still listening after Ctrl-C"
+    assert code in (0, 1, 130), output[-3000:]  # click exits 1 ("Aborted!") on Ctrl-C
+    assert "Already borrowed" not in output

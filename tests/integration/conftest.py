@@ -1,0 +1,68 @@
+"""A real local Ray cluster for this package, with the app deployed once and reached over HTTP.
+
+`@serve.batch` does not work in Serve's local testing mode, so these tests run real replicas. The
+cluster is package-scoped: it is gone before the e2e tests start their own.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+APP = "dit"
+
+# The tiny model on CPU, with batch windows long enough that concurrent requests really share a
+# batch on a slow 2-core machine (latency does not matter here).
+TEST_ARGS = {
+    "model": {"name": "tiny-flux", "path": "builtin:tiny-flux"},
+    "text_encoder": {"torch_threads": 1, "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.1}},
+    "denoiser": {
+        "torch_threads": 1,
+        "worker_num_cpus": 1,
+        "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.3},
+    },
+    "vae_decoder": {"torch_threads": 1, "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.1}},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="package")
+def ray_cluster(private_cache, tiny_flux_path):
+    import ray
+    from ray import serve
+
+    ray.init(
+        address="local",
+        num_cpus=16,
+        include_dashboard=False,
+        object_store_memory=512 * 1024**2,
+    )
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="package")
+def base_url(ray_cluster):
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    serve.run(build_app(TEST_ARGS), name=APP, route_prefix="/")
+    return ray_cluster
+
+
+@pytest.fixture(scope="package")
+def logs_dir(ray_cluster) -> Path:
+    import ray
+
+    return Path(ray._private.worker._global_node.get_logs_dir_path())

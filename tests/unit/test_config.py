@@ -1,0 +1,90 @@
+"""Typed app args and the shipped config files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from serve_app.app import build_app, denoiser_options, stage_options
+from serve_app.config import AppConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def applications(path):
+    return yaml.safe_load(path.read_text())["applications"]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        ({"modle": {}}, "modle"),
+        ({"model": {"dtype": "float64"}}, "dtype"),
+        ({"limits": {"min_size": 100}}, "multiple of 16"),
+        ({"limits": {"min_size": 512, "max_size": 256}}, "min_size"),
+        ({"limits": {"max_n": 9}}, "max_n"),
+        ({"defaults": {"size": "2048x2048"}}, "defaults.size"),
+        ({"denoiser": {"batching": {"max_batch_size": 0}}}, "max_batch_size"),
+        ({"denoiser": {"worker_num_cpus": 0}}, "worker_num_gpus"),
+    ],
+)
+def test_bad_args_are_rejected_with_a_message(args, needle):
+    with pytest.raises(ValidationError) as info:
+        AppConfig.model_validate(args)
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate_and_build(path):
+    for app in applications(path):
+        assert app["import_path"] == "serve_app.app:build_app"
+        config = AppConfig.model_validate(app["args"])
+        built = build_app(app["args"])
+        assert built is not None
+        names = {d["name"] for d in app["deployments"]}
+        assert names == {"ImagesAPI", "TextEncoder", "Denoiser", "VAEDecoder"}
+        for d in app["deployments"]:
+            assert "autoscaling_config" in d, d["name"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_batches_can_fill(path):
+    """max_ongoing_requests >= max_batch_size x max_concurrent_batches (1), after the file's
+    overrides, or a replica never holds enough requests to fill a batch."""
+    for app in applications(path):
+        config = AppConfig.model_validate(app["args"])
+        overrides = {d["name"]: d for d in app["deployments"]}
+        for name, stage in [
+            ("TextEncoder", config.text_encoder),
+            ("Denoiser", config.denoiser),
+            ("VAEDecoder", config.vae_decoder),
+        ]:
+            effective = overrides[name].get("max_ongoing_requests", stage_options(stage)["max_ongoing_requests"])
+            assert effective >= stage.batching.max_batch_size, name
+
+
+def test_denoiser_placement_group_has_a_bundle_per_worker():
+    config = AppConfig.model_validate({"denoiser": {"worker_num_gpus": 1, "worker_num_cpus": 0, "replica_num_cpus": 1}})
+    opts = denoiser_options(config)
+    assert opts["placement_group_bundles"] == [{"CPU": 1}, {"GPU": 1}]
+    assert opts["placement_group_strategy"] == "STRICT_PACK"
+    assert opts["ray_actor_options"] == {"num_cpus": 1}
+
+
+def test_local_config_fits_two_cpus():
+    app = applications(ROOT / "configs" / "local.yaml")[0]
+    config = AppConfig.model_validate(app["args"])
+    overrides = {d["name"]: d for d in app["deployments"]}
+    total = 0.0
+    for name, d in overrides.items():
+        maxr = d["autoscaling_config"]["max_replicas"]
+        if name == "Denoiser":
+            per = sum(b.get("CPU", 0) for b in denoiser_options(config)["placement_group_bundles"])
+        else:
+            per = d["ray_actor_options"]["num_cpus"]
+        total += per * maxr
+    assert total <= 2.0, total

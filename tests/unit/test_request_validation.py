@@ -1,0 +1,123 @@
+"""Client mistakes become ApiErrors that name the parameter (no Ray: parse + plan only)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from serve_app.config import AppConfig
+from serve_app.errors import ApiError, InvalidJson, InvalidParameter, ModelNotFound, PayloadTooLarge
+from serve_app.image_store import LocalImageStore
+from serve_app.protocol import parse_generation_request
+from serve_app.service import ImageService
+
+
+@pytest.fixture()
+def service(tmp_path):
+    return ImageService(AppConfig(), None, None, None, LocalImageStore(str(tmp_path)))
+
+
+def plan(service, **body):
+    body.setdefault("prompt", "a cat")
+    return service.plan(parse_generation_request(json.dumps(body).encode()), "rid-1")
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({}, "prompt"),
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": "x", "n": "2"}, "n"),
+        ({"prompt": "x", "n": 1.5}, "n"),
+        ({"prompt": "x", "n": True}, "n"),
+        ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": "x", "size": 512}, "size"),
+        ({"prompt": "x", "seed": -1}, "seed"),
+        ({"prompt": "x", "seed": "7"}, "seed"),
+        ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps"),
+        ({"prompt": "x", "guidance_scale": "high"}, "guidance_scale"),
+        ({"prompt": "x", "guidance_scale": -1.0}, "guidance_scale"),
+        ({"prompt": "x", "response_format": "png"}, "response_format"),
+        ({"prompt": "x", "output_format": "gif"}, "output_format"),
+        ({"prompt": "x", "output_compression": 101}, "output_compression"),
+        ({"prompt": "x", "negative_prompt": "dogs"}, "negative_prompt"),
+    ],
+)
+def test_schema_errors_name_the_parameter(body, param):
+    with pytest.raises(InvalidParameter) as info:
+        parse_generation_request(json.dumps(body).encode())
+    assert info.value.param == param
+    assert info.value.status == 400
+    assert param in info.value.message
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe", b"", b"null"])
+def test_malformed_bodies(raw):
+    with pytest.raises(InvalidJson) as info:
+        parse_generation_request(raw)
+    assert info.value.status == 400
+
+
+def test_oversized_body():
+    with pytest.raises(PayloadTooLarge) as info:
+        parse_generation_request(b"{" + b" " * 1_000_001 + b"}")
+    assert info.value.status == 413
+
+
+@pytest.mark.parametrize(
+    "body, param, error",
+    [
+        ({"size": "1024"}, "size", InvalidParameter),
+        ({"size": "100x100"}, "size", InvalidParameter),  # not a multiple of 16
+        ({"size": "32x32"}, "size", InvalidParameter),  # below limits.min_size
+        ({"size": "1024x1024"}, "size", InvalidParameter),  # above limits.max_size
+        ({"size": "256x-256"}, "size", InvalidParameter),
+        ({"n": 5}, "n", InvalidParameter),
+        ({"num_inference_steps": 51}, "num_inference_steps", InvalidParameter),
+        ({"guidance_scale": 20.5}, "guidance_scale", InvalidParameter),
+        ({"prompt": "   "}, "prompt", InvalidParameter),
+        ({"prompt": "x" * 4001}, "prompt", InvalidParameter),
+        ({"model": "dall-e-3"}, "model", ModelNotFound),
+        ({"output_compression": 50}, "output_compression", InvalidParameter),  # png
+    ],
+)
+def test_limits_of_the_deployed_model(service, body, param, error):
+    with pytest.raises(error) as info:
+        plan(service, **body)
+    assert info.value.param == param
+    assert 400 <= info.value.status < 500
+
+
+def test_plan_fills_defaults_and_seeds(service):
+    encode, spec = plan(service, n=3, seed=41, size="128x64")
+    assert encode.prompt == "a cat" and encode.request_id == "rid-1"
+    assert (spec.width, spec.height) == (128, 64)
+    assert spec.seeds == (41, 42, 43)
+    assert spec.num_inference_steps == 4 and spec.guidance_scale == 3.5
+    assert spec.output_format == "png"
+    _, spec = plan(service, seed=2**64 - 1, n=2)
+    assert spec.seeds == (2**64 - 1, 0)
+    _, a = plan(service)
+    _, b = plan(service)
+    assert a.seeds != b.seeds  # random when absent
+
+
+def test_error_bodies_are_openai_shaped():
+    err = InvalidParameter("size must look like 1024x1024", "size")
+    assert err.body() == {
+        "error": {
+            "message": "size must look like 1024x1024",
+            "type": "invalid_request_error",
+            "param": "size",
+            "code": "invalid_parameter",
+        }
+    }
+    assert isinstance(err, ApiError)
+
+
+def test_api_errors_survive_pickling():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(InvalidParameter("bad", "n")))
+    assert (err.message, err.param, err.status) == ("bad", "n", 400)
