@@ -27,7 +27,7 @@ tiny-model: install
 	$(BIN)/dit-serve make-tiny-model --family flux
 
 serve: tiny-model
-	$(BIN)/serve run configs/local.yaml
+	$(BIN)/serve run --address local configs/local.yaml
 
 test: install
 	$(BIN)/python -m pytest tests

@@ -6,7 +6,9 @@ token mode. HOME is a fresh folder, so the token is this test's own (as on a new
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -29,13 +31,15 @@ def ray_head(tmp_path, user_env):
     assert token.returncode == 0, token.stdout + token.stderr
     assert (home / ".ray" / "auth_token").is_file()
     # --block keeps `ray start` in the foreground as the parent of the processes it starts, so
-    # this test stops its own cluster only (`ray stop` would stop every cluster on the machine).
+    # this test stops its own cluster only (`ray stop` would stop every cluster on the machine);
+    # its own --temp-dir keeps its address out of /tmp/ray, where a later `ray.init()` would look.
+    temp_dir = tempfile.mkdtemp(prefix="ray-e2e-", dir="/tmp")  # short: socket paths are limited
     head = subprocess.Popen(
         [
             str(BIN / "ray"), "start", "--head", "--block",
             f"--port={ports['gcs']}",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
-            "--num-cpus=2", "--disable-usage-stats",
+            "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}",
         ],
         env=env,
         stdout=open(tmp_path / "ray-start.log", "w"),
@@ -48,6 +52,7 @@ def ray_head(tmp_path, user_env):
     finally:
         head.terminate()
         head.wait(timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def wait_for_dashboard(url: str, proc: subprocess.Popen, timeout_s: float) -> None:

@@ -1,4 +1,6 @@
-"""`serve run configs/local.yaml` (what `make serve` runs): a PNG back over HTTP, clean Ctrl-C."""
+"""`serve run --address local configs/local.yaml` (what `make serve` runs): a PNG back over HTTP,
+then a clean Ctrl-C. `--address local` starts a cluster of its own even if another one (or a stale
+record of one in /tmp/ray) exists on the machine."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ def test_serve_run_local_config(tmp_path, user_env):
     config = config_copy(tmp_path, "local.yaml", port)
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(
-        [str(BIN / "serve"), "run", str(config)],
+        [str(BIN / "serve"), "run", "--address", "local", str(config)],
         cwd=tmp_path,  # not the checkout: the installed package is what serves
         env=user_env,
         stdout=log,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,7 +10,14 @@ from deployments.families import flux
 from deployments.families.base import DenoiseInputs, LoadSpec
 from tests.helpers import max_level_diff
 
-import numpy as np
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """As the reference pipeline does: CPU reductions round differently on other thread counts."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
