@@ -16,7 +16,7 @@ from ray import serve
 from deployments.batching import denoise_key, group_by, images_in, row_slices
 from deployments.families.base import DenoiseInputs
 from deployments.payloads import GenerationSpec, Latents, PromptEmbeddings, Rejected
-from deployments.runtime import Stopwatch, logger, raise_if_error
+from deployments.runtime import Stopwatch, configure_batching, logger, raise_if_error
 from deployments.sp_group import WorkerGroup, WorkerGroupBroken
 from serve_app.errors import StageFailure, Unavailable
 
@@ -59,9 +59,7 @@ class Denoiser:
     def __init__(self, config):
         self._group = WorkerGroup(config)
         self._workers = self._group.start(STARTUP_TIMEOUT_S)
-        batching = config.denoiser.batching
-        self._denoise_batch.set_max_batch_size(batching.max_batch_size)
-        self._denoise_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        configure_batching(self._denoise_batch, config.denoiser.batching)
 
     async def denoise(
         self, embeddings: PromptEmbeddings | Rejected, spec: GenerationSpec

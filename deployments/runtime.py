@@ -33,6 +33,24 @@ def configure_torch(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def configure_batching(batch_method, batching) -> None:
+    """Apply a stage's batching config to its `@serve.batch` method (the decorator's values are
+    placeholders; the YAML decides)."""
+    batch_method.set_max_batch_size(batching.max_batch_size)
+    batch_method.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+
+
+def load_role(config, stage, role: str):
+    """Set this process up for a stage and load the family's `role` class on its device.
+    Returns (model, device)."""
+    from deployments.families.specs import load_family
+
+    configure_torch(stage.torch_threads)
+    device = stage_device(stage.device)
+    model = getattr(load_family(config.model.family), role)(load_spec(config, device))
+    return model, device
+
+
 def load_spec(config, device: str) -> LoadSpec:
     """How this process loads its role of the configured model (builtin models made here)."""
     from serve_app.tiny.store import resolve_model_path

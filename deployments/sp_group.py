@@ -18,8 +18,7 @@ import ray
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from deployments.families.specs import load_family
-from deployments.runtime import configure_torch, load_spec, stage_device
+from deployments.runtime import load_role
 
 
 class WorkerGroupBroken(RuntimeError):
@@ -34,13 +33,10 @@ class DenoiseWorker:
         self.world_size = world_size
         self._config = config
         self._denoising = None
-        configure_torch(config.denoiser.torch_threads)
-        self.device = stage_device(config.denoiser.device)
 
     def setup(self) -> dict:
-        family = load_family(self._config.model.family)
-        self._denoising = family.Denoising(load_spec(self._config, self.device))
-        return {"rank": self.rank, "device": self.device}
+        self._denoising, device = load_role(self._config, self._config.denoiser, "Denoising")
+        return {"rank": self.rank, "device": device}
 
     @ray.method(concurrency_group="compute")
     def run(self, inputs):

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 from ray import serve
 
-from deployments.families.specs import load_family
 from deployments.payloads import EncodeRequest, PromptEmbeddings, Rejected
 from deployments.runtime import (
     SerialExecutor,
     Stopwatch,
-    configure_torch,
-    load_spec,
+    configure_batching,
+    load_role,
     logger,
     raise_if_error,
-    stage_device,
 )
 from serve_app.errors import InvalidParameter
 
@@ -26,15 +24,10 @@ from serve_app.errors import InvalidParameter
 @serve.deployment(name="TextEncoder", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
 class TextEncoder:
     def __init__(self, config):
-        stage = config.text_encoder
-        configure_torch(stage.torch_threads)
-        self._device = stage_device(stage.device)
+        self._encoding, self._device = load_role(config, config.text_encoder, "TextEncoding")
         self._max_tokens = config.model.max_sequence_length
         self._executor = SerialExecutor("text-encoder")
-        family = load_family(config.model.family)
-        self._encoding = family.TextEncoding(load_spec(config, self._device))
-        self._encode_batch.set_max_batch_size(stage.batching.max_batch_size)
-        self._encode_batch.set_batch_wait_timeout_s(stage.batching.batch_wait_timeout_s)
+        configure_batching(self._encode_batch, config.text_encoder.batching)
 
     async def encode(self, request: EncodeRequest) -> PromptEmbeddings | Rejected:
         return raise_if_error(await self._encode_batch(request))

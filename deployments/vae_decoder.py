@@ -5,31 +5,24 @@ from __future__ import annotations
 from ray import serve
 
 from deployments.batching import decode_key, group_by, images_in, row_slices
-from deployments.families.specs import load_family
 from deployments.image_codec import encode_image
 from deployments.payloads import EncodedImages, Latents, Rejected
 from deployments.runtime import (
     SerialExecutor,
     Stopwatch,
-    configure_torch,
-    load_spec,
+    configure_batching,
+    load_role,
     logger,
     raise_if_error,
-    stage_device,
 )
 
 
 @serve.deployment(name="VAEDecoder", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
 class VAEDecoder:
     def __init__(self, config):
-        stage = config.vae_decoder
-        configure_torch(stage.torch_threads)
-        self._device = stage_device(stage.device)
+        self._decoding, self._device = load_role(config, config.vae_decoder, "Decoding")
         self._executor = SerialExecutor("vae-decoder")
-        family = load_family(config.model.family)
-        self._decoding = family.Decoding(load_spec(config, self._device))
-        self._decode_batch.set_max_batch_size(stage.batching.max_batch_size)
-        self._decode_batch.set_batch_wait_timeout_s(stage.batching.batch_wait_timeout_s)
+        configure_batching(self._decode_batch, config.vae_decoder.batching)
 
     async def decode(self, latents: Latents | Rejected) -> EncodedImages | Rejected:
         if isinstance(latents, Rejected):
