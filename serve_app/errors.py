@@ -61,6 +61,16 @@ class NotFound(ApiError):
     code = "not_found"
 
 
+class RouteError(ApiError):
+    """Starlette's own 404/405 (no such route, wrong method), in the OpenAI error shape."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.args = (message, status)
+        self.status = status
+        self.code = "not_found" if status == 404 else "method_not_allowed" if status == 405 else None
+
+
 class Unavailable(ApiError):
     """The service cannot take the request now; the client may retry (503 + Retry-After)."""
 

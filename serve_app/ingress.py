@@ -13,7 +13,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.payloads import StageTrace
-from serve_app.errors import ApiError, InvalidParameter, NotFound, error_response
+from serve_app.errors import InvalidParameter, NotFound, RouteError, error_response
 from serve_app.image_store import LocalImageStore
 from serve_app.protocol import parse_generation_request
 from serve_app.service import ImageService
@@ -39,9 +39,7 @@ def build_api(service: ImageService) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        err = ApiError(str(exc.detail))
-        err.status, err.code = exc.status_code, "not_found" if exc.status_code == 404 else None
-        return error_response(err, request_id_of(request))
+        return error_response(RouteError(str(exc.detail), exc.status_code), request_id_of(request))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
