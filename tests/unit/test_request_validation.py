@@ -121,3 +121,35 @@ def test_api_errors_survive_pickling():
 
     err = pickle.loads(pickle.dumps(InvalidParameter("bad", "n")))
     assert (err.message, err.param, err.status) == ("bad", "n", 400)
+
+
+def test_server_failures_carry_only_the_request_id(caplog):
+    import json as _json
+
+    from serve_app.errors import StageFailure, Unavailable, error_response
+
+    with caplog.at_level("ERROR", logger="dit_serve"):
+        response = error_response(RuntimeError("secret detail /srv/model.py line 12"), "req-42")
+    body = _json.loads(response.body)
+    assert response.status_code == 500
+    assert body["error"]["request_id"] == "req-42" and "req-42" in body["error"]["message"]
+    assert "secret" not in response.body.decode()
+    assert any("req-42" in r.getMessage() and r.exc_info for r in caplog.records)
+
+    response = error_response(StageFailure("denoiser", "req-43"), "req-43")
+    assert response.status_code == 500 and "denoiser" not in response.body.decode()
+
+    response = error_response(Unavailable("the denoiser is restarting; retry the request"), "req-44")
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
+
+
+def test_errors_raised_in_another_process_are_unwrapped():
+    """Ray delivers a stage's exception wrapped (RayTaskError with .cause, nested per hop)."""
+    from ray.exceptions import RayTaskError
+
+    from serve_app.errors import classify
+
+    original = InvalidParameter("prompt is 600 tokens long", "prompt")
+    inner = RayTaskError("encode", "traceback", original)
+    outer = RayTaskError("decode", "traceback", inner)
+    assert classify(outer) is original
