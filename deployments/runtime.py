@@ -73,9 +73,6 @@ class SerialExecutor:
     async def run(self, fn: Callable[..., T], *args) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
 
 class Stopwatch:
     def __init__(self, stage: str):

@@ -28,9 +28,8 @@ class WorkerGroupBroken(RuntimeError):
 class DenoiseWorker:
     """One rank of the group (a Ray actor; see `WorkerGroup`)."""
 
-    def __init__(self, config, rank: int, world_size: int):
+    def __init__(self, config, rank: int):
         self.rank = rank
-        self.world_size = world_size
         self._config = config
         self._denoising = None
 
@@ -75,7 +74,7 @@ class WorkerGroup:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=rank + 1
                 )
-            self._workers.append(actor_cls.options(**options).remote(config, rank, self.world_size))
+            self._workers.append(actor_cls.options(**options).remote(config, rank))
 
     def start(self, timeout_s: float) -> list[dict]:
         """Load the model on every rank; blocks (replica constructor)."""

@@ -57,16 +57,19 @@ class TextEncoding:
             return_length=False,
             return_tensors="pt",
         ).input_ids
-        t5_ids = self.tokenizer_2(
-            prompts,
+        # One T5 pass: untruncated ids give each prompt's length; padding them to
+        # max_sequence_length is what FluxPipeline's padding="max_length" call produces for every
+        # prompt that fits. Longer prompts are cut only to keep the tensor rectangular: the text
+        # encoder rejects them by their count and never encodes them.
+        untruncated = self.tokenizer_2(prompts).input_ids
+        limit = self.max_sequence_length
+        t5_ids = self.tokenizer_2.pad(
+            {"input_ids": [ids[:limit] for ids in untruncated]},
             padding="max_length",
-            max_length=self.max_sequence_length,
-            truncation=True,
-            return_length=False,
-            return_overflowing_tokens=False,
+            max_length=limit,
             return_tensors="pt",
         ).input_ids
-        counts = tuple(len(ids) for ids in self.tokenizer_2(prompts).input_ids)
+        counts = tuple(len(ids) for ids in untruncated)
         return TokenizedPrompts(input_ids=(clip_ids, t5_ids), token_counts=counts)
 
     @torch.no_grad()
@@ -82,15 +85,13 @@ class TextEncoding:
 class Denoising:
     """The FLUX transformer inside a plain FluxPipeline with no VAE or text encoders."""
 
-    def __init__(self, load: LoadSpec, transformer=None):
+    def __init__(self, load: LoadSpec):
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
         self.device = torch.device(load.device)
-        if transformer is None:
-            transformer = FluxTransformer2DModel.from_pretrained(
-                load.path, subfolder="transformer", dtype=torch_dtype(load.dtype)
-            )
-        self.transformer = transformer.to(self.device).eval()
+        self.transformer = FluxTransformer2DModel.from_pretrained(
+            load.path, subfolder="transformer", dtype=torch_dtype(load.dtype)
+        ).to(self.device).eval()
         self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(
             load.path, subfolder="scheduler"
         )
