@@ -80,25 +80,29 @@ class Unavailable(ApiError):
     retry_after_s = 5
 
 
-def _unwrap(exc: BaseException) -> BaseException:
-    """Ray wraps an exception raised in another process (RayTaskError, possibly nested when it
-    crossed several stages); the original is kept as `.cause`."""
-    seen = 0
-    while hasattr(exc, "cause") and isinstance(exc.cause, BaseException) and seen < 8:
-        exc, seen = exc.cause, seen + 1
-    return exc
+def _chain(exc: BaseException):
+    """The exception and what it wraps, outermost first: Ray keeps an exception raised in another
+    process as `.cause` (nested when it crossed several stages); Serve's router raises its own
+    RayServeException `from` an upstream actor's death."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen and len(seen) < 16:
+        seen.add(id(exc))
+        yield exc
+        cause = getattr(exc, "cause", None)
+        exc = cause if isinstance(cause, BaseException) else exc.__cause__
 
 
 def classify(exc: BaseException) -> BaseException:
-    """The error as the client should see it: an ApiError, or the unwrapped server failure."""
-    exc = _unwrap(exc)
-    if isinstance(exc, ApiError):
-        return exc
+    """The error as the client should see it: an ApiError, or the innermost server failure."""
     from ray import exceptions as ray_exc
 
-    if isinstance(exc, (ray_exc.ActorDiedError, ray_exc.ActorUnavailableError)):
-        return Unavailable("a serving stage restarted; retry the request")
-    return exc
+    chain = list(_chain(exc))
+    for link in chain:
+        if isinstance(link, ApiError):
+            return link
+        if isinstance(link, (ray_exc.ActorDiedError, ray_exc.ActorUnavailableError)):
+            return Unavailable("a serving stage restarted; retry the request")
+    return chain[-1]
 
 
 def error_response(exc: BaseException, request_id: str) -> JSONResponse:

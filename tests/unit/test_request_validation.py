@@ -153,3 +153,19 @@ def test_errors_raised_in_another_process_are_unwrapped():
     inner = RayTaskError("encode", "traceback", original)
     outer = RayTaskError("decode", "traceback", inner)
     assert classify(outer) is original
+
+
+def test_a_stage_dying_under_a_chained_request_is_a_retryable_503():
+    """Serve's router raises RayServeException `from` the ActorDiedError of an upstream replica
+    (here: the denoiser replica retiring while the VAE waited on its result)."""
+    from ray.exceptions import ActorDiedError, RayTaskError
+    from ray.serve.exceptions import RayServeException
+
+    from serve_app.errors import Unavailable, classify, error_response
+
+    wrapped = RayServeException("Request to deployment 'VAEDecoder' failed: upstream actor died")
+    wrapped.__cause__ = ActorDiedError()
+    outer = RayTaskError("decode", "traceback", wrapped)
+    assert isinstance(classify(outer), Unavailable)
+    response = error_response(outer, "req-45")
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
