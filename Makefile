@@ -10,6 +10,8 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP := $(BIN)/python -m pip
 PIP_QUIET ?= -q
+# `cpu` adds what a CPU-only torch lacks for xfuser (triton); drop it on a CUDA host.
+EXTRAS ?= test,cpu
 
 .PHONY: install serve test tiny-model clean
 
@@ -18,7 +20,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP) install $(PIP_QUIET) "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PIP) install $(PIP_QUIET) -e ".[test]"
+	$(PIP) install $(PIP_QUIET) -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(VENV)/.installed
