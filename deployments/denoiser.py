@@ -3,14 +3,22 @@
 A batch is split by shape key (height, width, steps, guidance); each group is one transformer call
 with one row per image. Every image gets its own `torch.Generator` from its seed and every call its
 own scheduler, so an image depends only on its own request. A failure is reported per request:
-a broken worker group gives a retryable 503 and fails the health check so Serve replaces the
-replica; any other failure gives a 500 that carries the request id.
+a broken worker group gives a retryable 503; any other failure gives a 500 that carries the
+request id.
+
+A broken group (a worker died, hung past a ping or call timeout, or failed on some ranks only) is
+never reused: the replica kills its workers and then itself, so Serve's next health check (every
+`health_check_period_s`) sees a dead actor and starts a new replica with a new group at once,
+instead of waiting for three failed checks. Worker deaths are noticed the moment they happen, even
+when idle, through each worker's `watch` call.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
+import ray
 from ray import serve
 
 from deployments.batching import denoise_key, group_by, images_in, row_slices
@@ -20,8 +28,10 @@ from deployments.runtime import Stopwatch, configure_batching, logger, raise_if_
 from deployments.sp_group import WorkerGroup, WorkerGroupBroken
 from serve_app.errors import StageFailure, Unavailable
 
-HEALTH_PING_TIMEOUT_S = 10.0
 STARTUP_TIMEOUT_S = 1800.0
+WARMUP_STEPS = 2
+# Time for the 503s of the requests in flight to leave before the replica kills itself.
+RETIRE_DELAY_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -52,14 +62,19 @@ def stack_inputs(items: list[DenoiseItem]) -> DenoiseInputs:
 @serve.deployment(
     name="Denoiser",
     max_ongoing_requests=16,
-    health_check_period_s=5,
+    health_check_period_s=2,
     health_check_timeout_s=30,
 )
 class Denoiser:
     def __init__(self, config):
+        dn = config.denoiser
+        self._ping_timeout_s = dn.health_ping_timeout_s
         self._group = WorkerGroup(config)
         self._workers = self._group.start(STARTUP_TIMEOUT_S)
-        configure_batching(self._denoise_batch, config.denoiser.batching)
+        self._group.warm_up(config.warmup_sizes, WARMUP_STEPS, dn.worker_call_timeout_s)
+        self._watcher = None
+        self._retiring = False
+        configure_batching(self._denoise_batch, dn.batching)
 
     async def denoise(
         self, embeddings: PromptEmbeddings | Rejected, spec: GenerationSpec
@@ -69,11 +84,29 @@ class Denoiser:
         return raise_if_error(await self._denoise_batch(DenoiseItem(spec, embeddings)))
 
     async def ready(self) -> dict:
-        await self._group.check(HEALTH_PING_TIMEOUT_S)
+        await self.check_health()
         return {"stage": "denoiser", "workers": self._workers}
 
     async def check_health(self) -> None:
-        await self._group.check(HEALTH_PING_TIMEOUT_S)
+        if self._watcher is None:  # the first check runs on the replica's event loop
+            self._watcher = asyncio.ensure_future(self._watch())
+        try:
+            await self._group.check(self._ping_timeout_s)
+        except WorkerGroupBroken as exc:
+            self._retire(str(exc))
+            raise
+
+    async def _watch(self) -> None:
+        self._retire(await self._group.watch())
+
+    def _retire(self, reason: str) -> None:
+        """Kill the broken group, then this replica, so Serve replaces both."""
+        if self._retiring:
+            return
+        self._retiring = True
+        logger.error("denoiser worker group broken (%s): replacing this replica", reason)
+        self._group.shutdown()
+        asyncio.get_running_loop().call_later(RETIRE_DELAY_S, _exit_replica)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, batch_size_fn=images_in)
     async def _denoise_batch(self, items: list[DenoiseItem]) -> list:
@@ -86,6 +119,7 @@ class Denoiser:
                 latents = await self._group.run(stack_inputs(group))
             except WorkerGroupBroken as exc:
                 logger.error("denoiser worker group broken (%s); requests %s", exc, ids)
+                self._retire(str(exc))
                 for i in members:
                     results[i] = Unavailable("the denoiser is restarting; retry the request")
                 continue
@@ -114,3 +148,7 @@ class Denoiser:
         group = getattr(self, "_group", None)
         if group is not None:
             group.shutdown()
+
+
+def _exit_replica() -> None:
+    ray.kill(ray.get_runtime_context().current_actor, no_restart=True)

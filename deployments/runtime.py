@@ -51,7 +51,7 @@ def load_role(config, stage, role: str):
     return model, device
 
 
-def load_spec(config, device: str) -> LoadSpec:
+def load_spec(config, device: str, compile_blocks: bool = False) -> LoadSpec:
     """How this process loads its role of the configured model (builtin models made here)."""
     from serve_app.tiny.store import resolve_model_path
 
@@ -60,6 +60,7 @@ def load_spec(config, device: str) -> LoadSpec:
         dtype=config.model.dtype,
         device=device,
         max_sequence_length=config.model.max_sequence_length,
+        compile_blocks=compile_blocks,
     )
 
 

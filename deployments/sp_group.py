@@ -2,27 +2,31 @@
 
 A Denoiser replica owns one group. Each worker actor holds the transformer for one rank and lands in
 its own bundle of the replica's placement group (bundle 0 is the replica itself), so Ray gives each
-its own device (`CUDA_VISIBLE_DEVICES`). Every call goes to every rank in the same order and rank
-0's result is returned; with one rank (SP=1) this is the same code path as with N.
+its own device (`CUDA_VISIBLE_DEVICES`). With more than one rank the workers form a torch.distributed
+group (NCCL on GPU, gloo on CPU) and run xfuser's sequence parallelism; every call goes to every rank
+in the same order and rank 0's result is returned. One rank (SP=1) is the same code path.
 
-A group that loses a worker or times out is broken for good: it refuses new calls and fails its
-health check, so Serve replaces the replica (and with it the whole group, whose actors it owns).
+A group that loses a worker, hangs, or fails on some ranks is broken for good (its collectives may
+be out of step): it refuses new calls, its actors are killed, and its replica exits so Serve
+replaces both (see `Denoiser`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import os
+import threading
+from typing import Any, Optional
 
 import ray
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from deployments.runtime import load_role
+from deployments.runtime import configure_torch, load_spec, stage_device
 
 
 class WorkerGroupBroken(RuntimeError):
-    """The group lost a worker or a call timed out; the replica must be replaced."""
+    """The group lost or hung a worker, or its ranks fell out of step; replace the replica."""
 
 
 class DenoiseWorker:
@@ -32,18 +36,54 @@ class DenoiseWorker:
         self.rank = rank
         self._config = config
         self._denoising = None
+        self._forever = threading.Event()
 
-    def setup(self) -> dict:
-        self._denoising, device = load_role(self._config, self._config.denoiser, "Denoising")
-        return {"rank": self.rank, "device": device}
+    def rendezvous(self) -> str:
+        """Rank 0: the address the group's ranks meet at."""
+        from deployments.sp_runtime import rendezvous_address
+
+        return rendezvous_address(ray.util.get_node_ip_address())
+
+    def setup(self, init_method: Optional[str]) -> dict:
+        from deployments.families.specs import load_family
+
+        dn = self._config.denoiser
+        configure_torch(dn.torch_threads)
+        device = stage_device(dn.device)
+        spec = load_spec(self._config, device, compile_blocks=dn.compile_blocks)
+        parallel = None
+        if dn.world_size > 1:
+            from deployments.sp_runtime import init_rank
+
+            parallel = init_rank(
+                rank=self.rank,
+                world_size=dn.world_size,
+                init_method=init_method,
+                ulysses_degree=dn.ulysses_degree,
+                ring_degree=dn.ring_degree,
+                device=device,
+                timeout_s=dn.process_group_timeout_s,
+                model_path=spec.path,
+            )
+        self._denoising = load_family(self._config.model.family).Denoising(spec, parallel)
+        return {"rank": self.rank, "device": device, "pid": os.getpid()}
 
     @ray.method(concurrency_group="compute")
     def run(self, inputs):
         return self._denoising.denoise(inputs)
 
+    @ray.method(concurrency_group="compute")
+    def warmup(self, width: int, height: int, steps: int) -> None:
+        self._denoising.denoise(self._denoising.dummy_inputs(height, width, steps))
+
     @ray.method(concurrency_group="health")
     def ping(self) -> int:
         return self.rank
+
+    @ray.method(concurrency_group="watch")
+    def watch(self) -> None:
+        """Never returns: the caller's ref fails the moment this actor dies."""
+        self._forever.wait()
 
 
 def bundle_resources(denoiser_config) -> dict[str, float]:
@@ -61,9 +101,11 @@ class WorkerGroup:
         dn = config.denoiser
         self.world_size = dn.world_size
         self._timeout_s = dn.worker_call_timeout_s
-        self.broken: str | None = None
+        self.broken: Optional[str] = None
         res = bundle_resources(dn)
-        actor_cls = ray.remote(concurrency_groups={"compute": 1, "health": 1})(DenoiseWorker)
+        actor_cls = ray.remote(concurrency_groups={"compute": 1, "health": 1, "watch": 1})(
+            DenoiseWorker
+        )
         pg = get_current_placement_group()
         self._workers = []
         for rank in range(self.world_size):
@@ -77,39 +119,55 @@ class WorkerGroup:
             self._workers.append(actor_cls.options(**options).remote(config, rank))
 
     def start(self, timeout_s: float) -> list[dict]:
-        """Load the model on every rank; blocks (replica constructor)."""
-        return ray.get([w.setup.remote() for w in self._workers], timeout=timeout_s)
+        """Load the model on every rank and join the ranks' group; blocks (replica constructor)."""
+        init_method = None
+        if self.world_size > 1:
+            init_method = ray.get(self._workers[0].rendezvous.remote(), timeout=timeout_s)
+        return ray.get([w.setup.remote(init_method) for w in self._workers], timeout=timeout_s)
+
+    def warm_up(self, sizes, steps: int, timeout_s: float) -> None:
+        """Run each (width, height) once on every rank; blocks (replica constructor)."""
+        for width, height in sizes:
+            ray.get([w.warmup.remote(width, height, steps) for w in self._workers], timeout=timeout_s)
 
     def _break(self, reason: str) -> WorkerGroupBroken:
         self.broken = self.broken or reason
         return WorkerGroupBroken(self.broken)
+
+    async def _all(self, refs, timeout_s: float, what: str) -> list:
+        """Every rank's result, or the group is broken (a dead, hung or failed rank)."""
+        try:
+            return await asyncio.wait_for(asyncio.gather(*refs), timeout_s)
+        except asyncio.TimeoutError:
+            raise self._break(f"a worker {what} took longer than {timeout_s}s") from None
+        except ray.exceptions.RayActorError as exc:
+            raise self._break(f"a worker died: {type(exc).__name__}") from None
+        except ray.exceptions.RayTaskError as exc:
+            if self.world_size > 1:  # the other ranks may wait in a collective: out of step
+                raise self._break(f"rank failed: {type(exc.cause).__name__}") from exc
+            raise
 
     async def run(self, inputs):
         """Run one call on every rank, in order; rank 0's result."""
         if self.broken:
             raise WorkerGroupBroken(self.broken)
         ref = ray.put(inputs)
-        refs = [w.run.remote(ref) for w in self._workers]
-        try:
-            results = await asyncio.wait_for(asyncio.gather(*refs), self._timeout_s)
-        except asyncio.TimeoutError:
-            raise self._break(f"a worker call took longer than {self._timeout_s}s") from None
-        except ray.exceptions.RayActorError as exc:
-            raise self._break(f"a worker died: {type(exc).__name__}") from None
+        results = await self._all([w.run.remote(ref) for w in self._workers], self._timeout_s, "call")
         return results[0]
 
     async def check(self, timeout_s: float) -> None:
         """Raise unless every worker answers a ping within `timeout_s`."""
         if self.broken:
             raise WorkerGroupBroken(self.broken)
+        await self._all([w.ping.remote() for w in self._workers], timeout_s, "ping")
+
+    async def watch(self) -> str:
+        """Wait until a worker dies; the reason (the group is then broken)."""
         try:
-            await asyncio.wait_for(
-                asyncio.gather(*[w.ping.remote() for w in self._workers]), timeout_s
-            )
-        except asyncio.TimeoutError:
-            raise self._break(f"a worker did not answer a ping within {timeout_s}s") from None
+            await asyncio.gather(*[w.watch.remote() for w in self._workers])
         except ray.exceptions.RayActorError as exc:
-            raise self._break(f"a worker died: {type(exc).__name__}") from None
+            self._break(f"a worker died: {type(exc).__name__}")
+        return self.broken or "the watch ended"
 
     def shutdown(self) -> None:
         for worker in self._workers:

@@ -18,6 +18,13 @@ from deployments.families.specs import family_spec
 SIZE_RE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 
 
+def _parse_size(size: str) -> tuple[int, int]:
+    match = SIZE_RE.match(size)
+    if not match:
+        raise ValueError(f"a size must look like 1024x1024, got {size!r}")
+    return int(match[1]), int(match[2])
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -78,6 +85,31 @@ class DenoiserConfig(StageConfig):
     worker_call_timeout_s: float = Field(
         900.0, gt=0.0, description="A worker call taking longer marks the worker group broken."
     )
+    process_group_timeout_s: float = Field(
+        600.0,
+        ge=1.0,
+        le=86400.0,
+        description=(
+            "torch.distributed timeout of every group of an SP replica (xfuser's included): a"
+            " collective waiting longer fails and the replica is replaced. Idle groups never"
+            " time out."
+        ),
+    )
+    health_ping_timeout_s: float = Field(
+        10.0, gt=0.0, le=600.0, description="A worker not answering a ping within this is hung."
+    )
+    compile_blocks: bool = Field(
+        False,
+        description="torch.compile every transformer block (slower start, faster steps on GPU).",
+    )
+    warmup_sizes: Optional[tuple[str, ...]] = Field(
+        None,
+        max_length=16,
+        description=(
+            "Sizes (WxH) each new replica runs once with dummy embeddings before it takes"
+            " requests (CUDA kernels, NCCL communicators). Default: defaults.size; [] for none."
+        ),
+    )
 
     @property
     def world_size(self) -> int:
@@ -87,6 +119,10 @@ class DenoiserConfig(StageConfig):
     def _worker_has_resources(self) -> "DenoiserConfig":
         if self.worker_num_gpus == 0 and self.worker_num_cpus == 0:
             raise ValueError("a denoiser worker needs worker_num_gpus > 0 or worker_num_cpus > 0")
+        if self.ring_degree > 1 and (self.worker_num_gpus == 0 or self.device == "cpu"):
+            raise ValueError("ring_degree > 1 needs GPU workers (ring attention has no CPU kernel)")
+        if self.world_size > 64:
+            raise ValueError("ulysses_degree x ring_degree must be at most 64")
         return self
 
 
@@ -129,6 +165,33 @@ class AppConfig(_Strict):
         """Width and height must be multiples of this: the family's latent patch in pixels."""
         return family_spec(self.model.family).size_multiple
 
+    @property
+    def height_multiple(self) -> int:
+        """Heights must be multiples of this: sequence parallelism splits the image into
+        `world_size` bands of latent rows (xfuser requires equal bands)."""
+        return self.size_multiple * self.denoiser.world_size
+
+    def size_error(self, width: int, height: int) -> Optional[str]:
+        """Why this size cannot be served, or None."""
+        lim, m, hm = self.limits, self.size_multiple, self.height_multiple
+        if not all(lim.min_size <= v <= lim.max_size for v in (width, height)):
+            return f"width and height must be between {lim.min_size} and {lim.max_size}"
+        if width % m or height % m:
+            return f"width and height must be multiples of {m}"
+        if height % hm:
+            return (
+                f"height must be a multiple of {hm}: the denoiser splits the image into"
+                f" {self.denoiser.world_size} bands of rows (sequence parallelism)"
+            )
+        return None
+
+    @property
+    def warmup_sizes(self) -> tuple[tuple[int, int], ...]:
+        """(width, height) of each shape a new denoiser replica runs before serving."""
+        sizes = self.denoiser.warmup_sizes
+        sizes = (self.defaults.size,) if sizes is None else sizes
+        return tuple(_parse_size(s) for s in sizes)
+
     @model_validator(mode="after")
     def _consistent(self) -> "AppConfig":
         lim, m = self.limits, self.size_multiple
@@ -140,14 +203,12 @@ class AppConfig(_Strict):
         for stage in ("denoiser", "vae_decoder"):  # their batches are weighed in images
             if lim.max_n > getattr(self, stage).batching.max_batch_size:
                 raise ValueError(f"limits.max_n must not exceed {stage}.batching.max_batch_size")
-        if self.denoiser.world_size != 1:
-            raise ValueError("sequence parallelism (ulysses_degree/ring_degree > 1) is not available yet")
-        match = SIZE_RE.match(self.defaults.size)
-        if not match:
-            raise ValueError("defaults.size must look like 1024x1024")
-        w, h = int(match[1]), int(match[2])
-        if not all(lim.min_size <= v <= lim.max_size and v % m == 0 for v in (w, h)):
-            raise ValueError("defaults.size must be within limits and a multiple of the patch size")
+        for name, size in [("defaults.size", self.defaults.size)] + [
+            ("denoiser.warmup_sizes", s) for s in self.denoiser.warmup_sizes or ()
+        ]:
+            error = self.size_error(*_parse_size(size))
+            if error:
+                raise ValueError(f"{name} {size}: {error}")
         if self.defaults.num_inference_steps > lim.max_steps:
             raise ValueError("defaults.num_inference_steps exceeds limits.max_steps")
         if self.defaults.guidance_scale > lim.max_guidance_scale:

@@ -76,22 +76,13 @@ class ImageService:
         return EncodeRequest(request_id=request_id, prompt=req.prompt), spec
 
     def _size(self, size: str) -> tuple[int, int]:
-        lim, m = self.config.limits, self.config.size_multiple
         match = SIZE_RE.match(size)
         if not match:
             raise InvalidParameter(f"size must look like 1024x1024, got {size!r}", "size")
         width, height = int(match[1]), int(match[2])
-        for side in (width, height):
-            if not lim.min_size <= side <= lim.max_size:
-                raise InvalidParameter(
-                    f"size {size}: width and height must be between {lim.min_size} and "
-                    f"{lim.max_size}",
-                    "size",
-                )
-            if side % m:
-                raise InvalidParameter(
-                    f"size {size}: width and height must be multiples of {m}", "size"
-                )
+        error = self.config.size_error(width, height)
+        if error:
+            raise InvalidParameter(f"size {size}: {error}", "size")
         return width, height
 
     # -- generation ---------------------------------------------------------------------------

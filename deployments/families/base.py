@@ -8,7 +8,7 @@ nothing of a family's internals.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -23,6 +23,7 @@ class LoadSpec:
     dtype: str  # "float32" | "bfloat16" | "float16"
     device: str  # "cpu" | "cuda"
     max_sequence_length: int = 512
+    compile_blocks: bool = False  # torch.compile each transformer block (denoiser only)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,17 @@ class DenoiseInputs:
     guidance_scale: float
 
 
+@dataclass(frozen=True)
+class ParallelContext:
+    """This process's place in a sequence-parallel group, set up by `deployments.sp_runtime`."""
+
+    rank: int
+    world_size: int
+    ulysses_degree: int
+    ring_degree: int
+    engine_config: Any  # xfuser's EngineConfig
+
+
 class TextEncoding(Protocol):
     def __init__(self, load: LoadSpec) -> None: ...
 
@@ -60,9 +72,16 @@ class TextEncoding(Protocol):
 
 
 class Denoising(Protocol):
-    def __init__(self, load: LoadSpec) -> None: ...
+    """With a `ParallelContext`, one rank of an SP group: every rank gets the same calls in the
+    same order and returns the full latents."""
+
+    def __init__(self, load: LoadSpec, parallel: Optional[ParallelContext] = None) -> None: ...
 
     def denoise(self, inputs: DenoiseInputs) -> "torch.Tensor": ...
+
+    def dummy_inputs(self, height: int, width: int, steps: int) -> DenoiseInputs:
+        """Inputs of the right shapes for a warm-up call (zero embeddings, batch of one)."""
+        ...
 
 
 class Decoding(Protocol):

@@ -9,12 +9,15 @@ For one checkpoint, seed and settings the three roles chained give the image
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from deployments.families.base import (
     DenoiseInputs,
     EncodedPrompts,
     LoadSpec,
+    ParallelContext,
     TokenizedPrompts,
     torch_dtype,
 )
@@ -83,19 +86,48 @@ class TextEncoding:
 
 
 class Denoising:
-    """The FLUX transformer inside a plain FluxPipeline with no VAE or text encoders."""
+    """The FLUX transformer inside a plain FluxPipeline with no VAE or text encoders.
 
-    def __init__(self, load: LoadSpec):
+    With a `ParallelContext` the transformer is xfuser's `xFuserFlux1Transformer2DWrapper`
+    (Ulysses/ring attention over the group; every rank computes and returns the full latents) and
+    xfuser's runtime state is told each call's shape before the call.
+    """
+
+    def __init__(self, load: LoadSpec, parallel: Optional[ParallelContext] = None):
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
         self.device = torch.device(load.device)
-        self.transformer = FluxTransformer2DModel.from_pretrained(
+        self.parallel = parallel
+        self.max_sequence_length = load.max_sequence_length
+        transformer_cls = FluxTransformer2DModel
+        if parallel is not None:
+            from xfuser.model_executor.models.transformers.transformer_flux import (
+                xFuserFlux1Transformer2DWrapper as transformer_cls,
+            )
+
+            heads = transformer_cls.load_config(load.path, subfolder="transformer")[
+                "num_attention_heads"
+            ]
+            if heads % parallel.ulysses_degree:
+                raise ValueError(
+                    f"ulysses_degree {parallel.ulysses_degree} must divide the transformer's"
+                    f" {heads} attention heads"
+                )
+        self.transformer = transformer_cls.from_pretrained(
             load.path, subfolder="transformer", dtype=torch_dtype(load.dtype)
         ).to(self.device).eval()
+        if load.compile_blocks:
+            blocks = self.transformer.transformer_blocks, self.transformer.single_transformer_blocks
+            for block in (b for group in blocks for b in group):
+                block.compile()
         self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(
             load.path, subfolder="scheduler"
         )
         self.vae_scale_factor = vae_scale_factor(load.path)
+        if parallel is not None:
+            from xfuser.core.distributed.runtime_state import initialize_runtime_state
+
+            initialize_runtime_state(self.pipeline(), parallel.engine_config)
 
     def pipeline(self):
         """A pipeline for one call: shares the transformer, owns a fresh scheduler (a shared one
@@ -119,6 +151,17 @@ class Denoising:
     def denoise(self, inputs: DenoiseInputs) -> torch.Tensor:
         dtype = self.transformer.dtype
         pooled = inputs.pooled_prompt_embeds
+        if self.parallel is not None:
+            from xfuser.core.distributed.runtime_state import get_runtime_state
+
+            get_runtime_state().set_input_parameters(
+                height=inputs.height,
+                width=inputs.width,
+                batch_size=len(inputs.seeds),
+                num_inference_steps=inputs.num_inference_steps,
+                max_condition_sequence_length=inputs.prompt_embeds.shape[1],
+                split_text_embed_in_sp=True,
+            )
         latents = self.pipeline()(
             prompt_embeds=inputs.prompt_embeds.to(self.device, dtype),
             pooled_prompt_embeds=pooled.to(self.device, dtype),
@@ -131,6 +174,18 @@ class Denoising:
             return_dict=False,
         )[0]
         return latents.cpu()
+
+    def dummy_inputs(self, height: int, width: int, steps: int) -> DenoiseInputs:
+        config = self.transformer.config
+        return DenoiseInputs(
+            prompt_embeds=torch.zeros(1, self.max_sequence_length, config.joint_attention_dim),
+            pooled_prompt_embeds=torch.zeros(1, config.pooled_projection_dim),
+            seeds=(0,),
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            guidance_scale=3.5,
+        )
 
 
 class Decoding:
