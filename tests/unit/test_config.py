@@ -75,8 +75,9 @@ def test_denoiser_placement_group_has_a_bundle_per_worker():
     assert opts["ray_actor_options"] == {"num_cpus": 1}
 
 
-def test_local_config_fits_two_cpus():
-    app = applications(ROOT / "configs" / "local.yaml")[0]
+@pytest.mark.parametrize("name", ["local.yaml", "local-sp2.yaml"])
+def test_local_configs_fit_two_cpus(name):
+    app = applications(ROOT / "configs" / name)[0]
     config = AppConfig.model_validate(app["args"])
     overrides = {d["name"]: d for d in app["deployments"]}
     total = 0.0

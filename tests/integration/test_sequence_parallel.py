@@ -1,0 +1,158 @@
+"""Sequence parallelism on CPU: a worker group of two ranks (gloo, xfuser's Ulysses attention)
+gives the latents of one rank and of diffusers' FluxPipeline in-process.
+
+Tolerance: 1e-5 absolute on the latents (seen: 4.8e-7; SP changes only the order of the attention's
+reductions). Groups are driven directly (`WorkerGroup`), as a Denoiser replica drives them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests.integration.conftest import TEST_ARGS
+
+LATENT_TOL = 1e-5
+# A short collective timeout, so that "idle groups never time out" is tested in seconds.
+PG_TIMEOUT_S = 5.0
+
+
+def group_config(ulysses: int):
+    from serve_app.config import AppConfig
+
+    denoiser = {
+        **TEST_ARGS["denoiser"],
+        "ulysses_degree": ulysses,
+        "process_group_timeout_s": PG_TIMEOUT_S,
+        "worker_call_timeout_s": 120,
+    }
+    return AppConfig.model_validate({**TEST_ARGS, "denoiser": denoiser})
+
+
+@pytest.fixture(scope="module")
+def groups(ray_cluster):
+    from deployments.sp_group import WorkerGroup
+
+    made = {}
+    for degree in (1, 2):
+        made[degree] = WorkerGroup(group_config(degree))
+        made[degree].start(timeout_s=300)
+    yield made
+    for group in made.values():
+        group.shutdown()
+
+
+def inputs(batch: int, width: int, height: int, steps: int = 3):
+    import torch
+
+    from deployments.families.base import DenoiseInputs
+
+    g = torch.Generator().manual_seed(batch * 1000 + width + height)
+    return DenoiseInputs(
+        prompt_embeds=torch.randn(batch, 512, 32, generator=g),
+        pooled_prompt_embeds=torch.randn(batch, 32, generator=g),
+        seeds=tuple(range(7, 7 + batch)),
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=4.0,
+    )
+
+
+def in_process(path: str, x) -> "torch.Tensor":
+    """diffusers' FluxPipeline itself, on one thread as the workers are."""
+    import torch
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(path, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, vae=None)
+    pipe.set_progress_bar_config(disable=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return pipe(
+                prompt_embeds=x.prompt_embeds,
+                pooled_prompt_embeds=x.pooled_prompt_embeds,
+                height=x.height,
+                width=x.width,
+                num_inference_steps=x.num_inference_steps,
+                guidance_scale=x.guidance_scale,
+                generator=[torch.Generator("cpu").manual_seed(s) for s in x.seeds],
+                output_type="latent",
+            ).images
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("width, height", [(256, 256), (192, 128)])
+def test_sp2_equals_sp1_and_diffusers(groups, tiny_flux_path, batch, width, height):
+    x = inputs(batch, width, height)
+    sp2 = asyncio.run(groups[2].run(x))
+    sp1 = asyncio.run(groups[1].run(x))
+    ref = in_process(tiny_flux_path, x)
+    tokens = (height // 16) * (width // 16)
+    assert sp2.shape == sp1.shape == ref.shape and sp1.shape[:2] == (batch, tokens)
+    assert (sp2 - sp1).abs().max().item() <= LATENT_TOL
+    assert (sp2 - ref).abs().max().item() <= LATENT_TOL
+    assert sp1.abs().max().item() > 0.1  # real latents, not zeros
+
+
+def test_every_rank_gets_the_same_calls_and_holds_the_full_result(groups):
+    """Rank 0's answer is returned; the other rank computed the same full latents."""
+    import ray
+
+    x = inputs(2, 128, 64)
+    ref = ray.put(x)
+    results = ray.get([w.run.remote(ref) for w in groups[2]._workers], timeout=120)
+    assert (results[0] - results[1]).abs().max().item() == 0.0
+
+
+def test_idle_group_does_not_time_out(groups):
+    """Collectives time out after PG_TIMEOUT_S; a group idle for longer still works."""
+    x = inputs(1, 128, 64, steps=2)
+    before = asyncio.run(groups[2].run(x))
+    time.sleep(PG_TIMEOUT_S + 1.5)
+    asyncio.run(groups[2].check(timeout_s=10))
+    after = asyncio.run(groups[2].run(x))
+    assert groups[2].broken is None
+    assert (before - after).abs().max().item() == 0.0
+
+
+def test_a_collective_that_times_out_breaks_the_group_and_leaves_nothing(ray_cluster):
+    """Rank 1 stops (SIGSTOP): rank 0's collective fails after PG_TIMEOUT_S (so the timeout reached
+    xfuser's own groups), the group is broken for good, and shutting it down removes both
+    processes, the stopped one included."""
+    import os
+    import signal
+
+    from deployments.sp_group import WorkerGroup, WorkerGroupBroken
+
+    group = WorkerGroup(group_config(2))
+    pids = [info["pid"] for info in group.start(timeout_s=300)]
+    try:
+        x = inputs(1, 128, 64, steps=2)
+        asyncio.run(group.run(x))
+        os.kill(pids[1], signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(WorkerGroupBroken, match="rank failed"):
+            asyncio.run(group.run(x))
+        assert time.monotonic() - started < 60  # the call timeout (120 s) did not decide it
+        with pytest.raises(WorkerGroupBroken):
+            asyncio.run(group.run(x))
+    finally:
+        group.shutdown()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(_alive(pid) for pid in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
