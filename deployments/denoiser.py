@@ -145,6 +145,8 @@ class Denoiser:
         return results
 
     def __del__(self):
+        """Serve's graceful shutdown: the workers go with the replica (not a breakage)."""
+        self._retiring = True
         group = getattr(self, "_group", None)
         if group is not None:
             group.shutdown()
