@@ -1,22 +1,38 @@
-"""`serve run --address local configs/local.yaml` (what `make serve` runs): a PNG back over HTTP,
-then a clean Ctrl-C. `--address local` starts a cluster of its own even if another one (or a stale
-record of one in /tmp/ray) exists on the machine."""
+"""`serve run --address local configs/local.yaml` (what `make serve` runs) and its SP=2 twin
+`configs/local-sp2.yaml` (two denoiser workers over gloo): a PNG back over HTTP, then a clean
+Ctrl-C. `--address local` starts a cluster of its own even if another one (or a stale record of one
+in /tmp/ray) exists on the machine."""
 
 from __future__ import annotations
 
 import base64
 import io
 import subprocess
+from pathlib import Path
 
+import pytest
 import requests
 from PIL import Image
 
 from tests.e2e.conftest import BIN, config_copy, free_port, interrupt, port_is_free, wait_healthy
 
 
-def test_serve_run_local_config(tmp_path, user_env):
+def denoise_workers() -> list[int]:
+    """pids of this machine's denoiser worker actors (Ray names their processes)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::DenoiseWorker"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "local-sp2.yaml"])
+def test_serve_run_local_config(tmp_path, user_env, name):
     port = free_port()
-    config = config_copy(tmp_path, "local.yaml", port)
+    config = config_copy(tmp_path, name, port)
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(
         [str(BIN / "serve"), "run", "--address", "local", str(config)],
@@ -46,6 +62,8 @@ def test_serve_run_local_config(tmp_path, user_env):
         result = client.images.generate(model="tiny-flux", prompt="a red fox", size="64x64", n=2)
         assert len(result.data) == 2 and all(d.b64_json for d in result.data)
         assert requests.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"] == "tiny-flux"
+        # one denoiser replica: as many worker processes as its SP degree
+        assert len(denoise_workers()) == (2 if name == "local-sp2.yaml" else 1)
     finally:
         code = interrupt(proc)
         log.close()

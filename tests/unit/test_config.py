@@ -30,6 +30,11 @@ def applications(path):
         ({"defaults": {"size": "2048x2048"}}, "defaults.size"),
         ({"denoiser": {"batching": {"max_batch_size": 0}}}, "max_batch_size"),
         ({"denoiser": {"worker_num_cpus": 0}}, "worker_num_gpus"),
+        ({"denoiser": {"ring_degree": 2}}, "ring_degree > 1 needs GPU"),
+        ({"denoiser": {"ulysses_degree": 2, "warmup_sizes": ["256x240"]}}, "denoiser.warmup_sizes 256x240"),
+        ({"denoiser": {"warmup_sizes": ["big"]}}, "1024x1024"),
+        ({"denoiser": {"ulysses_degree": 4}, "defaults": {"size": "256x240"}}, "multiple of 64"),
+        ({"denoiser": {"process_group_timeout_s": 0}}, "process_group_timeout_s"),
     ],
 )
 def test_bad_args_are_rejected_with_a_message(args, needle):
@@ -67,12 +72,41 @@ def test_batches_can_fill(path):
             assert effective >= stage.batching.max_batch_size, name
 
 
-def test_denoiser_placement_group_has_a_bundle_per_worker():
-    config = AppConfig.model_validate({"denoiser": {"worker_num_gpus": 1, "worker_num_cpus": 0, "replica_num_cpus": 1}})
+@pytest.mark.parametrize("ulysses, ring", [(1, 1), (2, 1), (2, 2), (4, 2)])
+def test_denoiser_placement_group_has_a_bundle_per_worker(ulysses, ring):
+    """One CPU bundle for the replica, one GPU bundle per rank, all on one node: autoscaling adds
+    and removes whole SP groups."""
+    config = AppConfig.model_validate(
+        {
+            "denoiser": {
+                "worker_num_gpus": 1,
+                "worker_num_cpus": 0,
+                "replica_num_cpus": 1,
+                "ulysses_degree": ulysses,
+                "ring_degree": ring,
+            }
+        }
+    )
     opts = denoiser_options(config)
-    assert opts["placement_group_bundles"] == [{"CPU": 1}, {"GPU": 1}]
+    assert opts["placement_group_bundles"] == [{"CPU": 1}] + [{"GPU": 1}] * (ulysses * ring)
     assert opts["placement_group_strategy"] == "STRICT_PACK"
     assert opts["ray_actor_options"] == {"num_cpus": 1}
+
+
+def test_sp_config_file_asks_for_two_gpus_per_replica():
+    app = applications(ROOT / "configs" / "flux-2gpu-sp2.yaml")[0]
+    config = AppConfig.model_validate(app["args"])
+    assert config.denoiser.world_size == 2
+    gpus = [b.get("GPU", 0) for b in denoiser_options(config)["placement_group_bundles"]]
+    assert gpus == [0, config.denoiser.worker_num_gpus, config.denoiser.worker_num_gpus]
+    assert sum(gpus) > 1  # the two workers cannot share one GPU
+
+
+def test_warmup_sizes_default_to_the_default_size():
+    assert AppConfig().warmup_sizes == ((256, 256),)
+    config = AppConfig.model_validate({"denoiser": {"warmup_sizes": ["128x64", "64x128"]}})
+    assert config.warmup_sizes == ((128, 64), (64, 128))
+    assert AppConfig.model_validate({"denoiser": {"warmup_sizes": []}}).warmup_sizes == ()
 
 
 @pytest.mark.parametrize("name", ["local.yaml", "local-sp2.yaml"])

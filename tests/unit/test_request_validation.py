@@ -169,3 +169,29 @@ def test_a_stage_dying_under_a_chained_request_is_a_retryable_503():
     assert isinstance(classify(outer), Unavailable)
     response = error_response(outer, "req-45")
     assert response.status_code == 503 and response.headers["retry-after"] == "5"
+
+
+@pytest.mark.parametrize(
+    "degree, size, ok",
+    [
+        (1, "256x240", True),
+        (2, "256x240", False),  # 15 rows of latent patches cannot be split in 2 equal bands
+        (2, "240x256", True),  # only the height is split
+        (2, "272x224", True),
+        (4, "256x224", False),
+        (4, "256x192", True),
+    ],
+)
+def test_heights_an_sp_group_cannot_split_are_rejected_naming_size(tmp_path, degree, size, ok):
+    """xfuser splits the latent rows into SP-degree bands and fails on a remainder (its padding
+    path calls a method that does not exist): such sizes are a 400 before they join a batch."""
+    config = AppConfig.model_validate({"denoiser": {"ulysses_degree": degree}})
+    service = ImageService(config, None, None, None, LocalImageStore(str(tmp_path)))
+    if ok:
+        _, spec = plan(service, size=size)
+        assert f"{spec.width}x{spec.height}" == size
+    else:
+        with pytest.raises(InvalidParameter) as info:
+            plan(service, size=size)
+        assert info.value.param == "size"
+        assert f"multiple of {16 * degree}" in info.value.message
