@@ -100,3 +100,12 @@ def concurrently(fn, items, workers: int):
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(run, items))
+
+
+def process_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie (a SIGSTOPped process is alive)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from tests.helpers import process_alive
 from tests.integration.conftest import TEST_ARGS
 
 LATENT_TOL = 1e-5
@@ -61,7 +62,7 @@ def inputs(batch: int, width: int, height: int, steps: int = 3):
     )
 
 
-def in_process(path: str, x) -> "torch.Tensor":
+def in_process(path: str, x):
     """diffusers' FluxPipeline itself, on one thread as the workers are."""
     import torch
     from diffusers import FluxPipeline
@@ -145,14 +146,7 @@ def test_a_collective_that_times_out_breaks_the_group_and_leaves_nothing(ray_clu
     finally:
         group.shutdown()
     deadline = time.monotonic() + 30
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not any(_alive(pid) for pid in pids)
+    assert not any(process_alive(pid) for pid in pids)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False

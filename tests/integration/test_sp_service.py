@@ -12,7 +12,14 @@ import time
 
 import pytest
 
-from tests.helpers import b64_image, batch_sizes, concurrently, generate, max_level_diff
+from tests.helpers import (
+    b64_image,
+    batch_sizes,
+    concurrently,
+    generate,
+    max_level_diff,
+    process_alive,
+)
 from tests.integration.conftest import TEST_ARGS
 
 SP_APP = "dit-sp2"
@@ -47,14 +54,6 @@ def worker_pids() -> list[int]:
     handle = serve.get_deployment_handle("Denoiser", app_name=SP_APP)
     info = handle.ready.remote().result(timeout_s=60)
     return [w["pid"] for w in info["workers"]]
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def check_image(response, reference, prompt, seed, width, height, steps) -> None:
@@ -133,7 +132,7 @@ def test_killed_worker_gives_retryable_errors_then_a_new_group(sp_url, reference
     new = worker_pids()
     print(f"killed worker: first 200 {recovered_s:.1f}s after the kill; answers before: {statuses}")
     assert set(new).isdisjoint(old)
-    assert not any(alive(pid) for pid in old)
+    assert not any(process_alive(pid) for pid in old)
 
 
 def test_hung_worker_is_replaced_and_does_not_linger(sp_url, reference):
@@ -147,9 +146,9 @@ def test_hung_worker_is_replaced_and_does_not_linger(sp_url, reference):
         new = worker_pids()
         assert set(new).isdisjoint(old)
         deadline = time.monotonic() + 30
-        while any(alive(pid) for pid in old) and time.monotonic() < deadline:
+        while any(process_alive(pid) for pid in old) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not any(alive(pid) for pid in old)
+        assert not any(process_alive(pid) for pid in old)
     finally:
-        if alive(old[0]):
+        if process_alive(old[0]):
             os.kill(old[0], signal.SIGKILL)

@@ -47,7 +47,7 @@ def test_bad_args_are_rejected_with_a_message(args, needle):
 def test_shipped_configs_validate_and_build(path):
     for app in applications(path):
         assert app["import_path"] == "serve_app.app:build_app"
-        config = AppConfig.model_validate(app["args"])
+        AppConfig.model_validate(app["args"])
         built = build_app(app["args"])
         assert built is not None
         names = {d["name"] for d in app["deployments"]}
