@@ -71,7 +71,7 @@ class Denoiser:
         self._ping_timeout_s = dn.health_ping_timeout_s
         self._group = WorkerGroup(config)
         self._workers = self._group.start(STARTUP_TIMEOUT_S)
-        self._group.warm_up(config.warmup_sizes, WARMUP_STEPS, dn.worker_call_timeout_s)
+        self._group.warm_up(config.warmup_shapes, WARMUP_STEPS, dn.worker_call_timeout_s)
         self._watcher = None
         self._retiring = False
         configure_batching(self._denoise_batch, dn.batching)

@@ -73,8 +73,8 @@ class DenoiseWorker:
         return self._denoising.denoise(inputs)
 
     @ray.method(concurrency_group="compute")
-    def warmup(self, width: int, height: int, steps: int) -> None:
-        self._denoising.denoise(self._denoising.dummy_inputs(height, width, steps))
+    def warmup(self, batch: int, width: int, height: int, steps: int) -> None:
+        self._denoising.denoise(self._denoising.dummy_inputs(batch, height, width, steps))
 
     @ray.method(concurrency_group="health")
     def ping(self) -> int:
@@ -125,10 +125,10 @@ class WorkerGroup:
             init_method = ray.get(self._workers[0].rendezvous.remote(), timeout=timeout_s)
         return ray.get([w.setup.remote(init_method) for w in self._workers], timeout=timeout_s)
 
-    def warm_up(self, sizes, steps: int, timeout_s: float) -> None:
-        """Run each (width, height) once on every rank; blocks (replica constructor)."""
-        for width, height in sizes:
-            ray.get([w.warmup.remote(width, height, steps) for w in self._workers], timeout=timeout_s)
+    def warm_up(self, shapes, steps: int, timeout_s: float) -> None:
+        """Run each (batch, width, height) once on every rank; blocks (replica constructor)."""
+        for shape in shapes:
+            ray.get([w.warmup.remote(*shape, steps) for w in self._workers], timeout=timeout_s)
 
     def _break(self, reason: str) -> WorkerGroupBroken:
         self.broken = self.broken or reason

@@ -9,7 +9,7 @@ block, where Ray Serve users expect them; `build_app` fills in safe defaults for
 from __future__ import annotations
 
 import re
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -110,6 +110,14 @@ class DenoiserConfig(StageConfig):
             " requests (CUDA kernels, NCCL communicators). Default: defaults.size; [] for none."
         ),
     )
+    warmup_batch_sizes: tuple[Annotated[int, Field(ge=1, le=256)], ...] = Field(
+        (1,),
+        max_length=16,
+        description=(
+            "Batch sizes (images) each warm-up size runs with. With compile_blocks every new"
+            " (batch, size) compiles once: list the batches your load forms."
+        ),
+    )
 
     @property
     def world_size(self) -> int:
@@ -186,11 +194,13 @@ class AppConfig(_Strict):
         return None
 
     @property
-    def warmup_sizes(self) -> tuple[tuple[int, int], ...]:
-        """(width, height) of each shape a new denoiser replica runs before serving."""
+    def warmup_shapes(self) -> tuple[tuple[int, int, int], ...]:
+        """(batch, width, height) of each shape a new denoiser replica runs before serving."""
         sizes = self.denoiser.warmup_sizes
         sizes = (self.defaults.size,) if sizes is None else sizes
-        return tuple(_parse_size(s) for s in sizes)
+        return tuple(
+            (batch, *_parse_size(s)) for s in sizes for batch in self.denoiser.warmup_batch_sizes
+        )
 
     @model_validator(mode="after")
     def _consistent(self) -> "AppConfig":
@@ -200,6 +210,8 @@ class AppConfig(_Strict):
         for name in ("min_size", "max_size"):
             if getattr(lim, name) % m:
                 raise ValueError(f"limits.{name} must be a multiple of {m}")
+        if max(self.denoiser.warmup_batch_sizes, default=1) > self.denoiser.batching.max_batch_size:
+            raise ValueError("denoiser.warmup_batch_sizes must not exceed its max_batch_size")
         for stage in ("denoiser", "vae_decoder"):  # their batches are weighed in images
             if lim.max_n > getattr(self, stage).batching.max_batch_size:
                 raise ValueError(f"limits.max_n must not exceed {stage}.batching.max_batch_size")

@@ -79,8 +79,8 @@ class Denoising(Protocol):
 
     def denoise(self, inputs: DenoiseInputs) -> "torch.Tensor": ...
 
-    def dummy_inputs(self, height: int, width: int, steps: int) -> DenoiseInputs:
-        """Inputs of the right shapes for a warm-up call (zero embeddings, batch of one)."""
+    def dummy_inputs(self, batch: int, height: int, width: int, steps: int) -> DenoiseInputs:
+        """Inputs of the right shapes for a warm-up call (zero embeddings)."""
         ...
 
 

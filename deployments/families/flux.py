@@ -185,12 +185,12 @@ class Denoising:
         )[0]
         return latents.cpu()
 
-    def dummy_inputs(self, height: int, width: int, steps: int) -> DenoiseInputs:
+    def dummy_inputs(self, batch: int, height: int, width: int, steps: int) -> DenoiseInputs:
         config = self.transformer.config
         return DenoiseInputs(
-            prompt_embeds=torch.zeros(1, self.max_sequence_length, config.joint_attention_dim),
-            pooled_prompt_embeds=torch.zeros(1, config.pooled_projection_dim),
-            seeds=(0,),
+            prompt_embeds=torch.zeros(batch, self.max_sequence_length, config.joint_attention_dim),
+            pooled_prompt_embeds=torch.zeros(batch, config.pooled_projection_dim),
+            seeds=tuple(range(batch)),
             height=height,
             width=width,
             num_inference_steps=steps,

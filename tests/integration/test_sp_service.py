@@ -33,6 +33,8 @@ SP_ARGS = {
         "worker_num_cpus": 0.5,
         "health_ping_timeout_s": 3,
         "process_group_timeout_s": 60,
+        "warmup_sizes": ["256x256", "192x128"],
+        "warmup_batch_sizes": [1, 3],
     },
 }
 

@@ -35,6 +35,7 @@ def applications(path):
         ({"denoiser": {"warmup_sizes": ["big"]}}, "1024x1024"),
         ({"denoiser": {"ulysses_degree": 4}, "defaults": {"size": "256x240"}}, "multiple of 64"),
         ({"denoiser": {"process_group_timeout_s": 0}}, "process_group_timeout_s"),
+        ({"denoiser": {"warmup_batch_sizes": [16]}}, "warmup_batch_sizes"),
     ],
 )
 def test_bad_args_are_rejected_with_a_message(args, needle):
@@ -102,11 +103,13 @@ def test_sp_config_file_asks_for_two_gpus_per_replica():
     assert sum(gpus) > 1  # the two workers cannot share one GPU
 
 
-def test_warmup_sizes_default_to_the_default_size():
-    assert AppConfig().warmup_sizes == ((256, 256),)
-    config = AppConfig.model_validate({"denoiser": {"warmup_sizes": ["128x64", "64x128"]}})
-    assert config.warmup_sizes == ((128, 64), (64, 128))
-    assert AppConfig.model_validate({"denoiser": {"warmup_sizes": []}}).warmup_sizes == ()
+def test_warmup_shapes_default_to_the_default_size_alone():
+    assert AppConfig().warmup_shapes == ((1, 256, 256),)
+    config = AppConfig.model_validate(
+        {"denoiser": {"warmup_sizes": ["128x64", "64x128"], "warmup_batch_sizes": [1, 4]}}
+    )
+    assert config.warmup_shapes == ((1, 128, 64), (4, 128, 64), (1, 64, 128), (4, 64, 128))
+    assert AppConfig.model_validate({"denoiser": {"warmup_sizes": []}}).warmup_shapes == ()
 
 
 @pytest.mark.parametrize("name", ["local.yaml", "local-sp2.yaml"])
