@@ -67,11 +67,5 @@ def init_rank(
     engine_config, _ = xFuserArgs(
         model=model_path, ulysses_degree=ulysses_degree, ring_degree=ring_degree
     ).create_config()
-    return ParallelContext(
-        rank=rank,
-        world_size=world_size,
-        ulysses_degree=ulysses_degree,
-        ring_degree=ring_degree,
-        engine_config=engine_config,
-    )
+    return ParallelContext(ulysses_degree=ulysses_degree, engine_config=engine_config)
 

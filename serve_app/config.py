@@ -18,7 +18,8 @@ from deployments.families.specs import family_spec
 SIZE_RE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 
 
-def _parse_size(size: str) -> tuple[int, int]:
+def parse_size(size: str) -> tuple[int, int]:
+    """(width, height) of a `WxH` size; ValueError if it is not one."""
     match = SIZE_RE.match(size)
     if not match:
         raise ValueError(f"a size must look like 1024x1024, got {size!r}")
@@ -199,7 +200,7 @@ class AppConfig(_Strict):
         sizes = self.denoiser.warmup_sizes
         sizes = (self.defaults.size,) if sizes is None else sizes
         return tuple(
-            (batch, *_parse_size(s)) for s in sizes for batch in self.denoiser.warmup_batch_sizes
+            (batch, *parse_size(s)) for s in sizes for batch in self.denoiser.warmup_batch_sizes
         )
 
     @model_validator(mode="after")
@@ -218,7 +219,7 @@ class AppConfig(_Strict):
         for name, size in [("defaults.size", self.defaults.size)] + [
             ("denoiser.warmup_sizes", s) for s in self.denoiser.warmup_sizes or ()
         ]:
-            error = self.size_error(*_parse_size(size))
+            error = self.size_error(*parse_size(size))
             if error:
                 raise ValueError(f"{name} {size}: {error}")
         if self.defaults.num_inference_steps > lim.max_steps:

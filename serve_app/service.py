@@ -14,7 +14,7 @@ import time
 from typing import Callable, Optional
 
 from deployments.payloads import EncodedImages, EncodeRequest, GenerationSpec, Rejected, StageTrace
-from serve_app.config import SIZE_RE, AppConfig
+from serve_app.config import AppConfig, parse_size
 from serve_app.errors import InvalidParameter, ModelNotFound
 from serve_app.image_store import LocalImageStore
 from serve_app.protocol import ImageData, ImageGenerationRequest, ImagesResponse, ModelCard, ModelList
@@ -76,10 +76,10 @@ class ImageService:
         return EncodeRequest(request_id=request_id, prompt=req.prompt), spec
 
     def _size(self, size: str) -> tuple[int, int]:
-        match = SIZE_RE.match(size)
-        if not match:
-            raise InvalidParameter(f"size must look like 1024x1024, got {size!r}", "size")
-        width, height = int(match[1]), int(match[2])
+        try:
+            width, height = parse_size(size)
+        except ValueError:
+            raise InvalidParameter(f"size must look like 1024x1024, got {size!r}", "size") from None
         error = self.config.size_error(width, height)
         if error:
             raise InvalidParameter(f"size {size}: {error}", "size")

@@ -56,10 +56,7 @@ class DenoiseInputs:
 class ParallelContext:
     """This process's place in a sequence-parallel group, set up by `deployments.sp_runtime`."""
 
-    rank: int
-    world_size: int
     ulysses_degree: int
-    ring_degree: int
     engine_config: Any  # xfuser's EngineConfig
 
 
