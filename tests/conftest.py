@@ -9,21 +9,25 @@ import pytest
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
-    """Builtin models are built into a cache private to this test session. Set before any Ray
-    process starts, so replicas and workers (which inherit the environment) use it too."""
+    """Builtin models are built into a cache, and job records and images kept in a data folder,
+    private to this test session. Set before any Ray process starts, so replicas and workers
+    (which inherit the environment) use them too."""
     path = tmp_path_factory.mktemp("dit-serve-cache")
-    old = os.environ.get("DIT_SERVE_CACHE")
+    data = tmp_path_factory.mktemp("dit-serve-data")
+    old = {k: os.environ.get(k) for k in ("DIT_SERVE_CACHE", "DIT_SERVE_DATA")}
     os.environ["DIT_SERVE_CACHE"] = str(path)
+    os.environ["DIT_SERVE_DATA"] = str(data)
     yield path
-    if old is None:
-        os.environ.pop("DIT_SERVE_CACHE", None)
-    else:
-        os.environ["DIT_SERVE_CACHE"] = old
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
 def tiny_flux_path(private_cache) -> str:
-    from serve_app.tiny.store import ensure_builtin
+    from deployments.tiny.store import ensure_builtin
 
     return str(ensure_builtin("tiny-flux"))
 
@@ -34,3 +38,18 @@ def reference(tiny_flux_path):
     from tests.helpers import ReferencePipeline
 
     return ReferencePipeline(tiny_flux_path)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A real redis-server on 127.0.0.1 for this session (Debian's package; see redis_server.py)."""
+    from tests.redis_server import INSTALL_HINT, RedisServer, find_redis_server
+
+    binary = find_redis_server()
+    if binary is None:
+        pytest.fail(f"redis-server not found: {INSTALL_HINT}", pytrace=False)
+    server = RedisServer(binary, str(tmp_path_factory.mktemp("redis"))).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
