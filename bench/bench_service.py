@@ -144,7 +144,7 @@ def main() -> int:
     import torch
     from ray import serve
 
-    from serve_app.tiny.store import resolve_model_path
+    from deployments.tiny.store import resolve_model_path
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model_path = resolve_model_path(args["model"]["path"])

@@ -54,17 +54,14 @@ def dummy(model_path: str, size: int, steps: int):
     import torch
 
     from deployments.families.base import DenoiseInputs
+    from deployments.sampling import SamplingParams
 
     config = json.loads((Path(model_path) / "transformer" / "config.json").read_text())
     g = torch.Generator().manual_seed(0)
     return DenoiseInputs(
         prompt_embeds=torch.randn(1, 512, config["joint_attention_dim"], generator=g),
         pooled_prompt_embeds=torch.randn(1, config["pooled_projection_dim"], generator=g),
-        seeds=(0,),
-        height=size,
-        width=size,
-        num_inference_steps=steps,
-        guidance_scale=3.5,
+        sampling=SamplingParams(size, size, steps, 3.5, (0,)),
     )
 
 

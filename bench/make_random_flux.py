@@ -25,8 +25,8 @@ def build(out: Path, device: str) -> None:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from serve_app.tiny.flux import FLUX_SCHEDULER
-    from serve_app.tiny.tokenizers import build_clip_tokenizer, build_t5_tokenizer
+    from deployments.tiny.flux import FLUX_SCHEDULER
+    from deployments.tiny.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
     clip_tok = build_clip_tokenizer(out / "tokenizer")  # tiny vocabularies: ids fit the real ones
     build_t5_tokenizer(out / "tokenizer_2")

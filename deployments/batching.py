@@ -10,12 +10,11 @@ T = TypeVar("T")
 
 
 def denoise_key(spec: GenerationSpec) -> tuple:
-    """Requests share a transformer batch only if they share every per-call setting."""
-    return (spec.height, spec.width, spec.num_inference_steps, float(spec.guidance_scale))
+    return spec.sampling.batch_key
 
 
 def decode_key(spec: GenerationSpec) -> tuple:
-    return (spec.height, spec.width)
+    return spec.sampling.size_key
 
 
 def group_by(items: Sequence[T], key: Callable[[T], Hashable]) -> list[list[int]]:

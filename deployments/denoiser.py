@@ -1,10 +1,11 @@
-"""Denoiser deployment: prompt embeddings -> latents, batched by shape, run on a worker group.
+"""Denoiser deployment: prompt embeddings -> latents, batched by key, run step by step on a group
+of worker actors (one per GPU; a sequence-parallel group when there are several).
 
-A batch is split by shape key (height, width, steps, guidance); each group is one transformer call
-with one row per image. Every image gets its own `torch.Generator` from its seed and every call its
-own scheduler, so an image depends only on its own request. A failure is reported per request:
-a broken worker group gives a retryable 503; any other failure gives a 500 that carries the
-request id.
+A batch is split by batch key (size, steps, guidance); each group runs through `run_group`, which
+stops cancelled requests between steps (see `deployments.denoise_loop`). Every image gets its own
+`torch.Generator` from its seed and every batch its own scheduler, so an image depends only on its
+own request. Failures are per request: a broken worker group gives a retryable 503, anything else a
+500 that carries the request id.
 
 A broken group (a worker died, hung past a ping or call timeout, or failed on some ranks only) is
 never reused: the replica kills its workers and then itself, so Serve's next health check (every
@@ -16,17 +17,19 @@ when idle, through each worker's `watch` call.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from typing import Any
 
 import ray
 from ray import serve
 
-from deployments.batching import denoise_key, group_by, images_in, row_slices
-from deployments.families.base import DenoiseInputs
-from deployments.payloads import GenerationSpec, Latents, PromptEmbeddings, Rejected
+from deployments import events
+from deployments.batching import denoise_key, group_by, images_in
+from deployments.denoise_loop import STAGE, DenoiseItem, run_group
+from deployments.errors import StageFailure, Unavailable
+from deployments.payloads import Cancelled, GenerationSpec, Latents, PromptEmbeddings, passes_through
 from deployments.runtime import Stopwatch, configure_batching, logger, raise_if_error
-from deployments.sp_group import WorkerGroup, WorkerGroupBroken
-from serve_app.errors import StageFailure, Unavailable
+from deployments.sp_group import WorkerGroup, WorkerGroupBroken, bundle_resources
+from deployments.stage import batching_options, open_progress
 
 STARTUP_TIMEOUT_S = 1800.0
 WARMUP_STEPS = 2
@@ -34,41 +37,55 @@ WARMUP_STEPS = 2
 RETIRE_DELAY_S = 0.5
 
 
-@dataclass(frozen=True)
-class DenoiseItem:
-    spec: GenerationSpec
-    embeddings: PromptEmbeddings
+def placement_bundles(config) -> list[dict[str, float]]:
+    """Bundle 0 for the replica actor itself, then one per worker of its SP group."""
+    dn = config.denoiser
+    return [{"CPU": dn.replica_num_cpus}] + [bundle_resources(dn)] * dn.world_size
 
 
-def stack_inputs(items: list[DenoiseItem]) -> DenoiseInputs:
-    """One transformer batch from same-shape requests: each prompt's rows repeated n times."""
-    import torch
-
-    spec = items[0].spec
-    pooled = [it.embeddings.pooled_prompt_embeds for it in items]
-    return DenoiseInputs(
-        prompt_embeds=torch.cat([it.embeddings.prompt_embeds.repeat(it.spec.n, 1, 1) for it in items]),
-        pooled_prompt_embeds=None
-        if pooled[0] is None
-        else torch.cat([p.repeat(it.spec.n, 1) for p, it in zip(pooled, items)]),
-        seeds=tuple(seed for it in items for seed in it.spec.seeds),
-        height=spec.height,
-        width=spec.width,
-        num_inference_steps=spec.num_inference_steps,
-        guidance_scale=spec.guidance_scale,
-    )
+def deployment_options(config) -> dict[str, Any]:
+    dn = config.denoiser
+    return {
+        **batching_options(dn),
+        "ray_actor_options": {"num_cpus": dn.replica_num_cpus},
+        "placement_group_bundles": placement_bundles(config),
+        "placement_group_strategy": "STRICT_PACK",
+        "health_check_period_s": 2,
+        "health_check_timeout_s": 30,
+    }
 
 
-@serve.deployment(
-    name="Denoiser",
-    max_ongoing_requests=16,
-    health_check_period_s=2,
-    health_check_timeout_s=30,
-)
+def check_placement(config) -> None:
+    """Refuse to start in a placement group that cannot hold this replica's workers (a config's
+    `deployments:` block overrode the bundles): fail with a message, not a hang or a wrong GPU."""
+    from ray.util.placement_group import get_current_placement_group
+
+    pg = get_current_placement_group()
+    if pg is None:
+        raise ValueError(
+            "the Denoiser needs a placement group (one bundle for the replica, one per worker);"
+            " do not override placement_group_bundles in the config's deployments block"
+        )
+    want = placement_bundles(config)
+    got = [{k: v for k, v in b.items() if k in ("CPU", "GPU") and v} for b in pg.bundle_specs]
+    if len(got) != len(want) or any(
+        g.get(k, 0) < v for g, w in zip(got[1:], want[1:]) for k, v in w.items()
+    ):
+        raise ValueError(
+            f"the Denoiser's placement group has bundles {got}; it needs {want} (the replica,"
+            f" then one per worker: denoiser.worker_num_cpus/worker_num_gpus x"
+            f" {config.denoiser.world_size} ranks). Set them through the app's args, not"
+            " placement_group_bundles."
+        )
+
+
+@serve.deployment(name="Denoiser")
 class Denoiser:
     def __init__(self, config):
         dn = config.denoiser
+        check_placement(config)
         self._ping_timeout_s = dn.health_ping_timeout_s
+        self._progress = open_progress(config, STAGE)
         self._group = WorkerGroup(config)
         self._workers = self._group.start(STARTUP_TIMEOUT_S)
         self._group.warm_up(config.warmup_shapes, WARMUP_STEPS, dn.worker_call_timeout_s)
@@ -76,16 +93,20 @@ class Denoiser:
         self._retiring = False
         configure_batching(self._denoise_batch, dn.batching)
 
-    async def denoise(
-        self, embeddings: PromptEmbeddings | Rejected, spec: GenerationSpec
-    ) -> Latents | Rejected:
-        if isinstance(embeddings, Rejected):
+    async def denoise(self, embeddings: PromptEmbeddings | Any, spec: GenerationSpec):
+        """Latents, or the `Rejected`/`Cancelled` value that reached this stage instead."""
+        if passes_through(embeddings):
             return embeddings
-        return raise_if_error(await self._denoise_batch(DenoiseItem(spec, embeddings)))
+        try:
+            return raise_if_error(await self._denoise_batch(DenoiseItem(spec, embeddings)))
+        except asyncio.CancelledError:
+            # Serve cancelled this call (its caller went away): stop the row at the next step.
+            self._progress.stop_locally(spec.request_id)
+            raise
 
     async def ready(self) -> dict:
         await self.check_health()
-        return {"stage": "denoiser", "workers": self._workers}
+        return {"stage": STAGE, "workers": self._workers}
 
     async def check_health(self) -> None:
         if self._watcher is None:  # the first check runs on the replica's event loop
@@ -108,40 +129,48 @@ class Denoiser:
         self._group.shutdown()
         asyncio.get_running_loop().call_later(RETIRE_DELAY_S, _exit_replica)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, batch_size_fn=images_in)
+    @serve.batch(batch_size_fn=images_in)
     async def _denoise_batch(self, items: list[DenoiseItem]) -> list:
         results: list = [None] * len(items)
         for members in group_by(items, lambda it: denoise_key(it.spec)):
             group = [items[i] for i in members]
-            ids = [it.spec.request_id for it in group]
-            watch = Stopwatch("denoiser")
-            try:
-                latents = await self._group.run(stack_inputs(group))
-            except WorkerGroupBroken as exc:
-                logger.error("denoiser worker group broken (%s); requests %s", exc, ids)
-                self._retire(str(exc))
-                for i in members:
-                    results[i] = Unavailable("the denoiser is restarting; retry the request")
+            for i, outcome in zip(members, await self._run(group)):
+                results[i] = outcome
+        await self._progress.flush()
+        return results
+
+    async def _run(self, group: list[DenoiseItem]) -> list:
+        ids = [it.spec.request_id for it in group]
+        rows = sum(it.spec.n for it in group)
+        self._progress.emit([events.stage_started(i, STAGE, rows) for i in ids])
+        watch = Stopwatch(STAGE)
+        try:
+            outcomes = await run_group(self._group, group, self._progress)
+        except WorkerGroupBroken as exc:
+            logger.error("denoiser worker group broken (%s); requests %s", exc, ids)
+            self._retire(str(exc))
+            return [Unavailable("the denoiser is restarting; retry the request")] * len(group)
+        except Exception:
+            logger.exception("denoiser batch failed; requests %s", ids)
+            return [StageFailure(STAGE, i) for i in ids]
+        finally:
+            self._progress.forget(ids)
+        trace = watch.trace(rows)
+        results = []
+        for it, outcome in zip(group, outcomes):
+            if isinstance(outcome, Cancelled):  # the dispatcher logs where it stopped
+                results.append(outcome)
                 continue
-            except Exception:
-                logger.exception("denoiser batch failed; requests %s", ids)
-                for i, it in zip(members, group):
-                    results[i] = StageFailure("denoiser", it.spec.request_id)
-                continue
-            trace = watch.trace(len(latents))
-            for i, it, rows in zip(members, group, row_slices([it.spec.n for it in group])):
-                results[i] = Latents(
-                    spec=it.spec,
-                    latents=latents[rows].clone(),
-                    trace=it.embeddings.trace + (trace,),
-                )
-            logger.info(
-                "denoiser batch=%d images requests=%s key=%s %.3fs",
-                len(latents),
-                ids,
-                denoise_key(group[0].spec),
-                trace.seconds,
-            )
+            self._progress.emit([events.stage_finished(it.spec.request_id, STAGE, rows, trace.seconds)])
+            results.append(Latents(spec=it.spec, latents=outcome, trace=it.embeddings.trace + (trace,)))
+        logger.info(
+            "denoiser batch=%d images requests=%s key=%s cancelled=%d %.3fs",
+            rows,
+            ids,
+            denoise_key(group[0].spec),
+            sum(isinstance(o, Cancelled) for o in outcomes),
+            trace.seconds,
+        )
         return results
 
     def __del__(self):

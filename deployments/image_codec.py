@@ -21,3 +21,10 @@ def encode_image(image, fmt: str, compression: Optional[int] = None) -> bytes:
     else:
         raise ValueError(f"unsupported output format {fmt!r}")
     return buf.getvalue()
+
+
+def encode_array(array, fmt: str) -> bytes:
+    """A uint8 (h, w, 3) array, encoded."""
+    from PIL import Image
+
+    return encode_image(Image.fromarray(array), fmt)

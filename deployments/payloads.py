@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
+from deployments.sampling import SamplingParams
+
 if TYPE_CHECKING:
     import torch
 
@@ -27,18 +29,15 @@ class StageTrace:
 class GenerationSpec:
     """Everything about a request the denoiser and decoder need, besides the prompt embeddings."""
 
-    request_id: str
-    height: int
-    width: int
-    num_inference_steps: int
-    guidance_scale: float
-    seeds: tuple[int, ...]  # one per image: image i of the request is generated from seeds[i]
+    request_id: str  # the job id: the key of the request's record, events and cancel flag
+    sampling: SamplingParams
     output_format: str = "png"
     output_compression: Optional[int] = None
+    partial_images: int = 0  # previews of image 0 the denoiser emits along the way (0-3)
 
     @property
     def n(self) -> int:
-        return len(self.seeds)
+        return self.sampling.n
 
 
 @dataclass(frozen=True)
@@ -94,3 +93,18 @@ class Rejected:
 
     request_id: str
     error: Exception
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """A request a stage stopped (or never started) because it was cancelled: travels down the DAG
+    as a value, like `Rejected`, so the dispatcher ends the job `cancelled`."""
+
+    request_id: str
+    stage: str
+    steps_done: int = 0  # denoising steps the request ran before it stopped
+
+
+def passes_through(value) -> bool:
+    """A value later stages hand on untouched: the request ended before reaching them."""
+    return isinstance(value, (Rejected, Cancelled))

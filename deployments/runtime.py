@@ -53,7 +53,7 @@ def load_role(config, stage, role: str):
 
 def load_spec(config, device: str, compile_blocks: bool = False) -> LoadSpec:
     """How this process loads its role of the configured model (builtin models made here)."""
-    from serve_app.tiny.store import resolve_model_path
+    from deployments.tiny.store import resolve_model_path
 
     return LoadSpec(
         path=resolve_model_path(config.model.path),

@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import ray
 from ray.util.placement_group import get_current_placement_group
@@ -29,6 +30,12 @@ class WorkerGroupBroken(RuntimeError):
     """The group lost or hung a worker, or its ranks fell out of step; replace the replica."""
 
 
+@dataclass(frozen=True)
+class StepReport:
+    seconds: float  # rank 0's time for the step
+    previews: tuple[tuple[bytes, int, int], ...]  # (PNG, width, height) per row asked (rank 0)
+
+
 class DenoiseWorker:
     """One rank of the group (a Ray actor; see `WorkerGroup`)."""
 
@@ -36,6 +43,7 @@ class DenoiseWorker:
         self.rank = rank
         self._config = config
         self._denoising = None
+        self._run = None  # the batch being denoised
         self._forever = threading.Event()
 
     def rendezvous(self) -> str:
@@ -68,9 +76,37 @@ class DenoiseWorker:
         self._denoising = load_family(self._config.model.family).Denoising(spec, parallel)
         return {"rank": self.rank, "device": device, "pid": os.getpid()}
 
+    # The per-step contract (see `deployments.denoise_loop`): every rank gets the same calls with
+    # the same arguments in the same order, so their collectives stay in step.
     @ray.method(concurrency_group="compute")
-    def run(self, inputs):
-        return self._denoising.denoise(inputs)
+    def step(self, keep, preview_rows, inputs=None) -> StepReport:
+        """One denoising step; the batch's first step brings its inputs (so that every call a rank
+        can hang in holds a collective its peers time out on)."""
+        import time
+
+        started = time.perf_counter()
+        if inputs is not None:
+            self._run = self._denoising.prepare(inputs)
+        self._denoising.step(self._run, keep)
+        previews = ()
+        if self.rank == 0 and preview_rows:
+            from deployments.image_codec import encode_array
+
+            previews = tuple(
+                (encode_array(p, "png"), p.shape[1], p.shape[0])
+                for p in self._denoising.preview(self._run, preview_rows)
+            )
+        return StepReport(time.perf_counter() - started, previews)
+
+    @ray.method(concurrency_group="compute")
+    def finish(self):
+        """Rank 0's latents (the only ones fetched); None from the others."""
+        run, self._run = self._run, None
+        return self._denoising.finish(run) if self.rank == 0 else None
+
+    @ray.method(concurrency_group="compute")
+    def abort(self) -> None:
+        self._run = None
 
     @ray.method(concurrency_group="compute")
     def warmup(self, batch: int, width: int, height: int, steps: int) -> None:
@@ -102,6 +138,7 @@ class WorkerGroup:
         self.world_size = dn.world_size
         self._timeout_s = dn.worker_call_timeout_s
         self.broken: Optional[str] = None
+        self._inputs = None  # the next batch's inputs, sent with its first step
         res = bundle_resources(dn)
         actor_cls = ray.remote(concurrency_groups={"compute": 1, "health": 1, "watch": 1})(
             DenoiseWorker
@@ -147,13 +184,34 @@ class WorkerGroup:
                 raise self._break(f"rank failed: {type(exc.cause).__name__}") from exc
             raise
 
-    async def run(self, inputs):
-        """Run one call on every rank, in order; rank 0's result."""
+    async def _each(self, what: str, *args) -> list:
+        """Call `what` on every rank with the same arguments, in order; every rank's result."""
         if self.broken:
             raise WorkerGroupBroken(self.broken)
-        ref = ray.put(inputs)
-        results = await self._all([w.run.remote(ref) for w in self._workers], self._timeout_s, "call")
-        return results[0]
+        refs = [getattr(w, what).remote(*args) for w in self._workers]
+        return await self._all(refs, self._timeout_s, what)
+
+    def begin(self, inputs) -> None:
+        """A new batch: its inputs go to every rank with its first step."""
+        self._inputs = ray.put(inputs)
+
+    async def step(self, keep: Optional[Sequence[int]], preview_rows: Sequence[int]) -> StepReport:
+        inputs, self._inputs = self._inputs, None
+        keep = None if keep is None else list(keep)
+        return (await self._each("step", keep, list(preview_rows), inputs))[0]
+
+    async def finish(self):
+        return (await self._each("finish"))[0]
+
+    async def abort(self) -> None:
+        await self._each("abort")
+
+    async def run(self, inputs):
+        """A whole batch, every step, nothing stopped (tests and benchmarks); rank 0's latents."""
+        self.begin(inputs)
+        for _ in range(inputs.sampling.num_inference_steps):
+            await self.step(None, ())
+        return await self.finish()
 
     async def check(self, timeout_s: float) -> None:
         """Raise unless every worker answers a ping within `timeout_s`."""

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 from ray import serve
 
+from deployments import events
 from deployments.batching import decode_key, group_by, images_in, row_slices
 from deployments.image_codec import encode_image
-from deployments.payloads import EncodedImages, Latents, Rejected
+from deployments.payloads import Cancelled, EncodedImages, Latents, passes_through
 from deployments.runtime import (
     SerialExecutor,
     Stopwatch,
@@ -15,26 +19,51 @@ from deployments.runtime import (
     logger,
     raise_if_error,
 )
+from deployments.stage import batching_options, open_progress
+
+STAGE = "vae_decoder"
 
 
-@serve.deployment(name="VAEDecoder", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
+def deployment_options(config) -> dict[str, Any]:
+    return {**batching_options(config.vae_decoder), "ray_actor_options": {"num_cpus": 1}}
+
+
+@serve.deployment(name="VAEDecoder")
 class VAEDecoder:
     def __init__(self, config):
         self._decoding, self._device = load_role(config, config.vae_decoder, "Decoding")
         self._executor = SerialExecutor("vae-decoder")
+        self._progress = open_progress(config, STAGE)
         configure_batching(self._decode_batch, config.vae_decoder.batching)
 
-    async def decode(self, latents: Latents | Rejected) -> EncodedImages | Rejected:
-        if isinstance(latents, Rejected):
+    async def decode(self, latents: Latents | Any) -> EncodedImages | Any:
+        """Encoded images, or the `Rejected`/`Cancelled` value that reached this stage instead."""
+        if passes_through(latents):
             return latents
         return raise_if_error(await self._decode_batch(latents))
 
     async def ready(self) -> dict:
-        return {"stage": "vae_decoder", "device": self._device}
+        return {"stage": STAGE, "device": self._device, "pid": os.getpid()}
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, batch_size_fn=images_in)
+    @serve.batch(batch_size_fn=images_in)
     async def _decode_batch(self, items: list[Latents]) -> list:
-        return await self._executor.run(self._decode_sync, items)
+        stopped = await self._progress.stopped([it.request_id for it in items])
+        todo = [it for it in items if it.request_id not in stopped]
+        rows = images_in(todo)
+        self._progress.emit([events.stage_started(it.request_id, STAGE, rows) for it in todo])
+        done = iter(await self._executor.run(self._decode_sync, todo) if todo else ())
+        results = [
+            Cancelled(it.request_id, STAGE) if it.request_id in stopped else next(done) for it in items
+        ]
+        self._progress.emit(
+            [
+                events.stage_finished(it.request_id, STAGE, rows, out.trace[-1].seconds)
+                for it, out in zip(items, results)
+                if isinstance(out, EncodedImages)
+            ]
+        )
+        await self._progress.flush()
+        return results
 
     def _decode_sync(self, items: list[Latents]) -> list:
         import torch
@@ -42,9 +71,9 @@ class VAEDecoder:
         watch = Stopwatch("vae_decoder")
         images: list[list] = [[] for _ in items]
         for members in group_by(items, lambda item: decode_key(item.spec)):
-            spec = items[members[0]].spec
+            height, width = items[members[0]].spec.sampling.size_key
             latents = torch.cat([items[i].latents for i in members])
-            decoded = self._decoding.decode(latents, spec.height, spec.width)
+            decoded = self._decoding.decode(latents, height, width)
             for i, rows in zip(members, row_slices([items[i].spec.n for i in members])):
                 images[i] = decoded[rows]
         trace = watch.trace(images_in(items))
@@ -58,8 +87,8 @@ class VAEDecoder:
                         encode_image(p, spec.output_format, spec.output_compression) for p in pictures
                     ),
                     output_format=spec.output_format,
-                    width=spec.width,
-                    height=spec.height,
+                    width=spec.sampling.width,
+                    height=spec.sampling.height,
                     trace=item.trace + (trace,),
                 )
             )

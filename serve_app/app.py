@@ -1,8 +1,9 @@
 """`build_app(args) -> Application`: the `import_path` of every config (`serve_app.app:build_app`).
 
 It validates the args (`AppConfig`) and binds the graph ingress -> text encoder -> denoiser -> VAE
-decoder; it never loads a model or runs anything. Options set here are defaults derived from the
-args: a config file's `deployments:` block overrides any of them (autoscaling, replicas, resources).
+decoder; it never loads a model or runs anything. Each deployment module derives its Serve options
+from the args (`deployment_options`); a config file's `deployments:` block may override them
+(autoscaling, replicas, resources), except where that would break the app (`check_overrides`).
 """
 
 from __future__ import annotations
@@ -14,46 +15,67 @@ from ray.serve import Application
 from serve_app.config import AppConfig
 
 
-def stage_options(stage) -> dict[str, Any]:
-    """A stage replica must accept a full batch while the previous one runs, or batches never
-    fill (Serve caps a replica at max_ongoing_requests)."""
-    return {"max_ongoing_requests": 2 * stage.batching.max_batch_size}
-
-
-def denoiser_options(config: AppConfig) -> dict[str, Any]:
-    """One placement bundle for the replica, one per worker (GPU) of its SP group, packed on one
-    node; the replica actor itself needs exactly bundle 0."""
-    from deployments.sp_group import bundle_resources
-
-    dn = config.denoiser
-    worker = bundle_resources(dn)
-    return {
-        **stage_options(dn),
-        "ray_actor_options": {"num_cpus": dn.replica_num_cpus},
-        "placement_group_bundles": [{"CPU": dn.replica_num_cpus}] + [worker] * dn.world_size,
-        "placement_group_strategy": "STRICT_PACK",
-    }
-
-
 def build_graph(
     config: AppConfig, deployment_options: Optional[dict[str, dict[str, Any]]] = None
 ) -> Application:
     """Bind the DAG for a validated config. `deployment_options` maps a deployment name to Serve
     options laid over the defaults, as a config file's `deployments:` block would."""
-    from deployments.denoiser import Denoiser
-    from deployments.text_encoder import TextEncoder
-    from deployments.vae_decoder import VAEDecoder
-    from serve_app.ingress import ImagesAPI
+    from deployments import denoiser, text_encoder, vae_decoder
+    from serve_app import ingress
 
     extra = deployment_options or {}
+    check_overrides(config, extra)
 
-    def options(deployment, defaults: dict[str, Any]):
-        return deployment.options(**{**defaults, **extra.get(deployment.name, {})})
+    def bound(module, deployment, *args):
+        options = {**module.deployment_options(config), **extra.get(deployment.name, {})}
+        return deployment.options(**options).bind(*args)
 
-    text_encoder = options(TextEncoder, stage_options(config.text_encoder)).bind(config)
-    denoiser = options(Denoiser, denoiser_options(config)).bind(config)
-    vae_decoder = options(VAEDecoder, stage_options(config.vae_decoder)).bind(config)
-    return options(ImagesAPI, {}).bind(text_encoder, denoiser, vae_decoder, config)
+    return bound(
+        ingress,
+        ingress.ImagesAPI,
+        bound(text_encoder, text_encoder.TextEncoder, config),
+        bound(denoiser, denoiser.Denoiser, config),
+        bound(vae_decoder, vae_decoder.VAEDecoder, config),
+        config,
+    )
+
+
+STAGE_NAMES = {"TextEncoder": "text_encoder", "Denoiser": "denoiser", "VAEDecoder": "vae_decoder"}
+# The Denoiser's placement group is derived from the SP degree and worker resources in the args.
+DENOISER_FIXED = ("placement_group_bundles", "placement_group_strategy")
+
+
+def check_overrides(config: AppConfig, overrides: dict[str, dict[str, Any]]) -> None:
+    """Refuse `deployments:` overrides that would break the app, with a message saying what to
+    change instead. (A config deployed with `serve deploy` skips this; the Denoiser checks its
+    placement group itself when it starts.)"""
+    denoiser = overrides.get("Denoiser", {})
+    for key in DENOISER_FIXED:
+        if key in denoiser:
+            raise ValueError(
+                f"deployments.Denoiser.{key} is derived from the app's args"
+                " (denoiser.ulysses_degree, ring_degree, worker_num_gpus, worker_num_cpus,"
+                " replica_num_cpus); set those instead"
+            )
+    actor = denoiser.get("ray_actor_options", {})
+    if actor.get("num_gpus"):
+        raise ValueError(
+            "deployments.Denoiser.ray_actor_options.num_gpus: the replica holds no GPU itself;"
+            " its workers do (denoiser.worker_num_gpus)"
+        )
+    if actor.get("num_cpus", config.denoiser.replica_num_cpus) > config.denoiser.replica_num_cpus:
+        raise ValueError(
+            "deployments.Denoiser.ray_actor_options.num_cpus must fit its placement bundle:"
+            " set denoiser.replica_num_cpus instead"
+        )
+    for name, stage in STAGE_NAMES.items():
+        limit = overrides.get(name, {}).get("max_ongoing_requests")
+        batch = getattr(config, stage).batching.max_batch_size
+        if limit is not None and limit < batch:
+            raise ValueError(
+                f"deployments.{name}.max_ongoing_requests ({limit}) is below"
+                f" {stage}.batching.max_batch_size ({batch}): its batches could never fill"
+            )
 
 
 def build_app(args: Optional[dict] = None) -> Application:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from deployments.families.specs import family_spec
+from deployments.families.specs import builtin_models, family_names, family_spec
 
 SIZE_RE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 
@@ -37,7 +37,7 @@ class ModelConfig(_Strict):
         max_length=200,
         description="The model id clients see in GET /v1/models and pass as `model`.",
     )
-    family: Literal["flux"] = Field("flux", description="The diffusers pipeline family.")
+    family: str = Field("flux", description="The diffusers pipeline family (see `family_names`).")
     path: str = Field(
         "builtin:tiny-flux",
         min_length=1,
@@ -52,6 +52,24 @@ class ModelConfig(_Strict):
     max_sequence_length: int = Field(
         512, ge=16, le=512, description="T5 tokens per prompt; longer prompts get a 400."
     )
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, family: str) -> str:
+        if family not in family_names():
+            raise ValueError(f"unknown family {family!r}; known: {list(family_names())}")
+        return family
+
+    @model_validator(mode="after")
+    def _builtin_matches_family(self) -> "ModelConfig":
+        if self.path.startswith("builtin:"):
+            name = self.path.removeprefix("builtin:")
+            known = builtin_models()
+            if name not in known:
+                raise ValueError(f"unknown builtin model {self.path!r}; known: {sorted(known)}")
+            if known[name].name != self.family:
+                raise ValueError(f"{self.path} is a {known[name].name} model, not {self.family}")
+        return self
 
 
 class BatchingConfig(_Strict):
@@ -153,10 +171,82 @@ class DefaultsConfig(_Strict):
 
 class ImageStoreConfig(_Strict):
     directory: Optional[str] = Field(
-        None, description="Where url-format images are written; default: a temp folder."
+        None,
+        description=(
+            "Where result images are written (url-format images, async jobs' results), private"
+            " to this user; default: `images/` in the data folder ($DIT_SERVE_DATA, else"
+            " ~/.local/share/dit-serve)."
+        ),
     )
     public_base_url: Optional[str] = Field(
         None, description="Base of returned image URLs; default: the base URL the client used."
+    )
+
+
+class JobStoreConfig(_Strict):
+    backend: Literal["sqlite", "redis"] = Field(
+        "sqlite",
+        description="`sqlite`: a file, for one node (the default). `redis`: a server, for clusters.",
+    )
+    path: Optional[str] = Field(
+        None,
+        description=(
+            "SQLite file (absolute path); default: jobs-<model name>.sqlite3 in the data folder."
+            " Applications sharing a store share one queue: give each model its own."
+        ),
+    )
+    url: Optional[str] = Field(None, description="Redis server, e.g. redis://10.0.0.5:6379/0.")
+    prefix: Optional[str] = Field(
+        None, min_length=1, max_length=128, description="Redis key prefix; default dit-serve:<model>."
+    )
+
+    @model_validator(mode="after")
+    def _backend_has_its_address(self) -> "JobStoreConfig":
+        if self.backend == "redis" and not self.url:
+            raise ValueError("jobs.store.url is required with backend redis")
+        if self.path is not None and not self.path.startswith("/"):
+            raise ValueError("jobs.store.path must be absolute (replicas do not share a cwd)")
+        return self
+
+
+class JobsConfig(_Strict):
+    """How accepted requests are kept and run (see docs/request-lifecycle.md)."""
+
+    store: JobStoreConfig = JobStoreConfig()
+    max_running: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        description=(
+            "Async jobs one ingress replica runs at once; more wait `queued` in the store. Sync"
+            " and streamed requests run at once (their connections wait)."
+        ),
+    )
+    max_attempts: int = Field(
+        3, ge=1, le=20, description="Tries of a request when a stage dies under it (then failed)."
+    )
+    retry_backoff_s: float = Field(
+        1.0, ge=0.0, le=600.0, description="Wait before the second try; doubles on each next one."
+    )
+    lease_s: float = Field(
+        15.0,
+        ge=1.0,
+        le=3600.0,
+        description=(
+            "A running request's record is leased to the ingress running it, renewed every"
+            " lease_s/3; once expired (that ingress died), any ingress re-queues or ends it."
+        ),
+    )
+    poll_interval_s: float = Field(
+        0.5, gt=0.0, le=60.0, description="How often an idle dispatcher looks for queued jobs."
+    )
+    maintenance_interval_s: float = Field(
+        5.0, gt=0.0, le=3600.0, description="How often expired leases and records are handled."
+    )
+    retention_s: float = Field(
+        86400.0,
+        ge=1.0,
+        description="Finished records, their events and images are deleted this long after.",
     )
 
 
@@ -168,6 +258,7 @@ class AppConfig(_Strict):
     limits: LimitsConfig = LimitsConfig()
     defaults: DefaultsConfig = DefaultsConfig()
     image_store: ImageStoreConfig = ImageStoreConfig()
+    jobs: JobsConfig = JobsConfig()
 
     @property
     def size_multiple(self) -> int:

@@ -2,7 +2,7 @@
 
 Client mistakes (`ApiError` subclasses) become 4xx bodies that name the bad parameter. Anything else
 becomes a 5xx whose body carries only the request id; the traceback goes to the log, never the body.
-The exception classes are plain, picklable and torch-free: stages raise them and they cross Ray.
+The exception classes themselves live in `deployments.errors` (stages raise them; they cross Ray).
 """
 
 from __future__ import annotations
@@ -12,53 +12,9 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from deployments.errors import ApiError, Unavailable
+
 logger = logging.getLogger("dit_serve")
-
-
-class ApiError(Exception):
-    """An error with a meaning for the client: status, OpenAI error type/code, parameter."""
-
-    status = 400
-    type = "invalid_request_error"
-    code: str | None = None
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message, param)
-        self.message = message
-        self.param = param
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-
-class InvalidParameter(ApiError):
-    code = "invalid_parameter"
-
-
-class InvalidJson(ApiError):
-    code = "invalid_json"
-
-
-class PayloadTooLarge(ApiError):
-    status = 413
-    code = "payload_too_large"
-
-
-class ModelNotFound(ApiError):
-    status = 404
-    code = "model_not_found"
-
-
-class NotFound(ApiError):
-    status = 404
-    code = "not_found"
 
 
 class RouteError(ApiError):
@@ -69,15 +25,6 @@ class RouteError(ApiError):
         self.args = (message, status)
         self.status = status
         self.code = "not_found" if status == 404 else "method_not_allowed" if status == 405 else None
-
-
-class Unavailable(ApiError):
-    """The service cannot take the request now; the client may retry (503 + Retry-After)."""
-
-    status = 503
-    type = "server_error"
-    code = "unavailable"
-    retry_after_s = 5
 
 
 def _chain(exc: BaseException):
@@ -125,15 +72,3 @@ def error_response(exc: BaseException, request_id: str) -> JSONResponse:
         }
     }
     return JSONResponse(body, status_code=500, headers=headers)
-
-
-class StageFailure(Exception):
-    """A stage failed on its side; its log has the traceback under the request id."""
-
-    def __init__(self, stage: str, request_id: str):
-        super().__init__(stage, request_id)
-        self.stage = stage
-        self.request_id = request_id
-
-    def __str__(self) -> str:
-        return f"stage {self.stage} failed for request {self.request_id}"

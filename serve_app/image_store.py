@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -19,10 +18,14 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_-]{32}\.(png|jpeg|webp)$")
 
 
 class LocalImageStore:
+    """Images in one folder of this node, readable by this user only (0700)."""
+
     def __init__(self, directory: Optional[str] = None):
-        base = directory or os.path.join(tempfile.gettempdir(), "dit-serve-images")
-        self.directory = Path(base)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        from deployments.stage import data_dir
+
+        self.directory = Path(directory) if directory else data_dir() / "images"
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.directory, 0o700)
 
     def save(self, data: bytes, fmt: str) -> str:
         """Write the image atomically and return its name."""
@@ -31,6 +34,14 @@ class LocalImageStore:
         tmp.write_bytes(data)
         os.replace(tmp, self.directory / name)
         return name
+
+    def read(self, name: str) -> Optional[bytes]:
+        found = self.lookup(name)
+        return None if found is None else found[0].read_bytes()
+
+    def delete(self, name: str) -> None:
+        if NAME_RE.match(name):
+            (self.directory / name).unlink(missing_ok=True)
 
     def lookup(self, name: str) -> Optional[tuple[Path, str]]:
         """(path, media type) of a stored image, or None for any name that is not one."""

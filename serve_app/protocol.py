@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 MAX_SEED = 2**64 - 1
 
@@ -34,6 +34,9 @@ class ImageGenerationRequest(BaseModel):
     )
     num_inference_steps: Optional[StrictInt] = Field(None, ge=1)
     guidance_scale: Optional[StrictFloat] = Field(None, ge=0.0)
+    # Streaming (OpenAI's image streaming events); `partial_images` previews also go to job events.
+    stream: Optional[StrictBool] = None
+    partial_images: Optional[StrictInt] = Field(None, ge=0, le=3)
 
 
 class ImageData(BaseModel):
@@ -48,6 +51,34 @@ class ImagesResponse(BaseModel):
     data: list[ImageData]
     output_format: str
     size: str
+
+
+class JobObject(BaseModel):
+    """An async job as `GET /v1/images/jobs/{id}` shows it."""
+
+    id: str
+    object: Literal["image.job"] = "image.job"
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    created_at: int
+    started_at: Optional[int] = None
+    finished_at: Optional[int] = None
+    expires_at: Optional[int] = None
+    attempts: int
+    queue_position: Optional[int] = None  # queued: jobs that start before it
+    progress: Optional[dict] = None  # running: {stage, state, step, steps}
+    cancel_requested: bool = False
+    result: Optional[ImagesResponse] = None  # succeeded: what /v1/images/generations returns
+    error: Optional[dict] = None  # failed: an OpenAI error object
+    status_url: str
+    events_url: str
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobObject]
+    first_id: Optional[str] = None
+    last_id: Optional[str] = None
+    has_more: bool
 
 
 class ModelCard(BaseModel):
@@ -71,7 +102,7 @@ def parse_generation_request(body: bytes) -> ImageGenerationRequest:
 
     from pydantic import ValidationError
 
-    from serve_app.errors import InvalidJson, InvalidParameter, PayloadTooLarge
+    from deployments.errors import InvalidJson, InvalidParameter, PayloadTooLarge
 
     if len(body) > MAX_BODY_BYTES:
         raise PayloadTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")

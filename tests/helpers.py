@@ -109,3 +109,57 @@ def process_alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def sse_events(response):
+    """Parse a text/event-stream `requests` response into {"event", "id", "data"} dicts (data
+    parsed as JSON), as an EventSource would."""
+    import json
+
+    event: dict = {}
+    for line in response.iter_lines(decode_unicode=True):
+        if line is None:
+            continue
+        if line == "":
+            if "data" in event:
+                event["data"] = json.loads(event["data"])
+                yield event
+            event = {}
+        elif line.startswith(":"):
+            continue  # a comment (keep-alive ping)
+        else:
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "data" and "data" in event:
+                event["data"] += "\n" + value
+            elif field in ("event", "id", "data"):
+                event[field] = value
+
+
+def submit_job(base_url: str, body: dict, headers: dict | None = None, timeout: float = 60.0):
+    import requests
+
+    return requests.post(f"{base_url}/v1/images/jobs", json=body, headers=headers or {}, timeout=timeout)
+
+
+def job_events(base_url: str, job_id: str, headers: dict | None = None, until=None, timeout: float = 300.0):
+    """The job's events from its events stream, until the stream ends (the job ended) or `until`
+    (a predicate on an event) is true for one, which is then the last one returned."""
+    import requests
+
+    out = []
+    with requests.get(
+        f"{base_url}/v1/images/jobs/{job_id}/events", headers=headers or {}, stream=True, timeout=timeout
+    ) as response:
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for event in sse_events(response):
+            out.append(event)
+            if until is not None and until(event):
+                break
+    return out
+
+
+def is_step(n: int):
+    """Predicate: a `step` event at step >= n."""
+    return lambda e: e["event"] == "step" and e["data"]["step"] >= n

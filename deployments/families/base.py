@@ -8,9 +8,12 @@ nothing of a family's internals.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence
+
+from deployments.sampling import SamplingParams
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from PIL import Image
 
@@ -41,15 +44,19 @@ class EncodedPrompts:
 
 @dataclass(frozen=True)
 class DenoiseInputs:
-    """One same-shape batch for the transformer: rows of embeddings, one seed per row."""
+    """One same-key batch for the transformer: rows of embeddings, one seed per row."""
 
     prompt_embeds: "torch.Tensor"
     pooled_prompt_embeds: Optional["torch.Tensor"]
-    seeds: tuple[int, ...]
-    height: int
-    width: int
-    num_inference_steps: int
-    guidance_scale: float
+    sampling: SamplingParams  # `seeds`: one per row, in row order
+
+
+class DenoiseRun(Protocol):
+    """A batch being denoised, owned by the family (latents, scheduler, embeddings of its rows)."""
+
+    step_index: int  # steps done
+    num_steps: int
+    rows: int  # rows still in the batch
 
 
 @dataclass(frozen=True)
@@ -69,10 +76,30 @@ class TextEncoding(Protocol):
 
 
 class Denoising(Protocol):
-    """With a `ParallelContext`, one rank of an SP group: every rank gets the same calls in the
-    same order and returns the full latents."""
+    """The transformer loop, one step at a time, so a caller can stop rows between steps.
+
+    `prepare` draws each row's initial noise from its own seed and gives the batch a fresh
+    scheduler; `step` first keeps only the listed rows (indices into the current rows; None keeps
+    all), then advances every remaining row one step. Rows are independent: a row's result does not
+    depend on which rows were dropped. `denoise` runs a batch to the end (warm-up, tests). With a
+    `ParallelContext`, one rank of an SP group: every rank must get the same calls with the same
+    arguments in the same order, and every rank holds the full latents.
+    """
 
     def __init__(self, load: LoadSpec, parallel: Optional[ParallelContext] = None) -> None: ...
+
+    def prepare(self, inputs: DenoiseInputs) -> DenoiseRun: ...
+
+    def step(self, run: DenoiseRun, keep: Optional[Sequence[int]] = None) -> None: ...
+
+    def preview(self, run: DenoiseRun, rows: Sequence[int]) -> list["np.ndarray"]:
+        """A cheap look at the predicted final image of each row: uint8 (h, w, 3) at latent
+        resolution, from the latents alone (no VAE)."""
+        ...
+
+    def finish(self, run: DenoiseRun) -> "torch.Tensor":
+        """The remaining rows' latents, on the CPU."""
+        ...
 
     def denoise(self, inputs: DenoiseInputs) -> "torch.Tensor": ...
 

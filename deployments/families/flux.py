@@ -2,15 +2,18 @@
 
 For one checkpoint, seed and settings the three roles chained give the image
 `FluxPipeline.__call__` gives in-process: tokenization and encoding follow
-`FluxPipeline._get_clip_prompt_embeds` / `_get_t5_prompt_embeds` (diffusers 0.42.1), denoising *is*
-`FluxPipeline.__call__` (with embeddings in and latents out, a fresh scheduler per call, one CPU
-`torch.Generator` per image), and decoding follows the tail of `FluxPipeline.__call__`.
+`FluxPipeline._get_clip_prompt_embeds` / `_get_t5_prompt_embeds` (diffusers 0.42.1), denoising
+follows `FluxPipeline.__call__` step by step (its set-up, then one loop iteration per `step`, with
+embeddings in and latents out, a fresh scheduler per batch, one CPU `torch.Generator` per image),
+and decoding follows the tail of `FluxPipeline.__call__`.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 
 from deployments.families.base import (
@@ -21,6 +24,7 @@ from deployments.families.base import (
     TokenizedPrompts,
     torch_dtype,
 )
+from deployments.sampling import SamplingParams
 
 
 def vae_scale_factor(path: str) -> int:
@@ -158,44 +162,167 @@ class Denoising:
         return pipe
 
     @torch.no_grad()
-    def denoise(self, inputs: DenoiseInputs) -> torch.Tensor:
-        dtype = self.transformer.dtype
-        pooled = inputs.pooled_prompt_embeds
+    def prepare(self, inputs: DenoiseInputs) -> "FluxRun":
+        """`FluxPipeline.__call__` up to its denoising loop, with embeddings given."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        sampling = inputs.sampling
+        rows = sampling.n
         if self.parallel is not None:
             from xfuser.core.distributed.runtime_state import get_runtime_state
 
             get_runtime_state().set_input_parameters(
-                height=inputs.height,
-                width=inputs.width,
-                batch_size=len(inputs.seeds),
-                num_inference_steps=inputs.num_inference_steps,
+                height=sampling.height,
+                width=sampling.width,
+                batch_size=rows,
+                num_inference_steps=sampling.num_inference_steps,
                 max_condition_sequence_length=inputs.prompt_embeds.shape[1],
                 split_text_embed_in_sp=True,
             )
-        latents = self.pipeline()(
+        pipe = self.pipeline()
+        dtype = self.transformer.dtype
+        prompt_embeds, pooled, text_ids = pipe.encode_prompt(
+            prompt=None,
+            prompt_2=None,
             prompt_embeds=inputs.prompt_embeds.to(self.device, dtype),
-            pooled_prompt_embeds=pooled.to(self.device, dtype),
-            height=inputs.height,
-            width=inputs.width,
-            num_inference_steps=inputs.num_inference_steps,
-            guidance_scale=inputs.guidance_scale,
-            generator=[torch.Generator("cpu").manual_seed(s) for s in inputs.seeds],
-            output_type="latent",
-            return_dict=False,
-        )[0]
-        return latents.cpu()
+            pooled_prompt_embeds=inputs.pooled_prompt_embeds.to(self.device, dtype),
+            device=self.device,
+            num_images_per_prompt=1,
+            max_sequence_length=self.max_sequence_length,
+        )
+        latents, image_ids = pipe.prepare_latents(
+            rows,
+            self.transformer.config.in_channels // 4,
+            sampling.height,
+            sampling.width,
+            prompt_embeds.dtype,
+            self.device,
+            [torch.Generator("cpu").manual_seed(s) for s in sampling.seeds],
+            None,
+        )
+        steps = sampling.num_inference_steps
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        if getattr(pipe.scheduler.config, "use_flow_sigmas", False):
+            sigmas = None
+        config = pipe.scheduler.config
+        mu = calculate_shift(
+            latents.shape[1],
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        timesteps, steps = retrieve_timesteps(pipe.scheduler, steps, self.device, sigmas=sigmas, mu=mu)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full([1], sampling.guidance_scale, device=self.device, dtype=torch.float32)
+            guidance = guidance.expand(latents.shape[0])
+        pipe.scheduler.set_begin_index(0)
+        return FluxRun(
+            scheduler=pipe.scheduler,
+            timesteps=timesteps,
+            num_steps=steps,
+            height=sampling.height,
+            width=sampling.width,
+            latents=latents,
+            image_ids=image_ids,
+            prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled,
+            text_ids=text_ids,
+            guidance=guidance,
+        )
+
+    @torch.no_grad()
+    def step(self, run: "FluxRun", keep: Optional[Sequence[int]] = None) -> None:
+        """One iteration of `FluxPipeline.__call__`'s loop (no true CFG, no IP-adapter)."""
+        if keep is not None:
+            run.keep(keep)
+        t = run.timesteps[run.step_index]
+        latents = run.latents
+        timestep = t.expand(latents.shape[0]).to(latents.dtype)
+        with self.transformer.cache_context("cond"):
+            noise_pred = self.transformer(
+                hidden_states=latents,
+                timestep=timestep / 1000,
+                guidance=run.guidance,
+                pooled_projections=run.pooled_prompt_embeds,
+                encoder_hidden_states=run.prompt_embeds,
+                txt_ids=run.text_ids,
+                img_ids=run.image_ids,
+                joint_attention_kwargs={},
+                return_dict=False,
+            )[0]
+        run.latents = run.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        run.noise_pred = noise_pred
+        run.step_index += 1
+
+    @torch.no_grad()
+    def preview(self, run: "FluxRun", rows: Sequence[int]) -> list[np.ndarray]:
+        """Flow matching predicts x0 = x_t - sigma_t * v: its first three latent channels,
+        normalised per image, at latent resolution."""
+        from diffusers import FluxPipeline
+
+        if run.noise_pred is None or not rows:
+            return []
+        index = list(rows)
+        sigma = run.scheduler.sigmas[run.step_index].to(run.latents.device, torch.float32)
+        x0 = run.latents[index].float() - sigma * run.noise_pred[index].float()
+        x0 = FluxPipeline._unpack_latents(x0, run.height, run.width, self.vae_scale_factor)
+        rgb = x0[:, :3]
+        low = rgb.amin(dim=(1, 2, 3), keepdim=True)
+        high = rgb.amax(dim=(1, 2, 3), keepdim=True)
+        rgb = ((rgb - low) / (high - low).clamp_min(1e-6) * 255).round().to(torch.uint8)
+        return [im.permute(1, 2, 0).cpu().numpy() for im in rgb]
+
+    def finish(self, run: "FluxRun") -> torch.Tensor:
+        return run.latents.cpu()
+
+    def denoise(self, inputs: DenoiseInputs) -> torch.Tensor:
+        run = self.prepare(inputs)
+        while run.step_index < run.num_steps:
+            self.step(run)
+        return self.finish(run)
 
     def dummy_inputs(self, batch: int, height: int, width: int, steps: int) -> DenoiseInputs:
         config = self.transformer.config
         return DenoiseInputs(
             prompt_embeds=torch.zeros(batch, self.max_sequence_length, config.joint_attention_dim),
             pooled_prompt_embeds=torch.zeros(batch, config.pooled_projection_dim),
-            seeds=tuple(range(batch)),
-            height=height,
-            width=width,
-            num_inference_steps=steps,
-            guidance_scale=3.5,
+            sampling=SamplingParams(height, width, steps, 3.5, tuple(range(batch))),
         )
+
+
+@dataclass
+class FluxRun:
+    """A FLUX batch between steps: its scheduler, timesteps and the tensors of its rows."""
+
+    scheduler: Any
+    timesteps: torch.Tensor
+    num_steps: int
+    height: int
+    width: int
+    latents: torch.Tensor  # packed, (rows, tokens, channels)
+    image_ids: torch.Tensor
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+    text_ids: torch.Tensor
+    guidance: Optional[torch.Tensor]
+    noise_pred: Optional[torch.Tensor] = None
+    step_index: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.latents.shape[0]
+
+    def keep(self, rows: Sequence[int]) -> None:
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.latents.device)
+        self.latents = self.latents.index_select(0, index)
+        self.prompt_embeds = self.prompt_embeds.index_select(0, index)
+        self.pooled_prompt_embeds = self.pooled_prompt_embeds.index_select(0, index)
+        if self.guidance is not None:
+            self.guidance = self.guidance.index_select(0, index)
+        if self.noise_pred is not None:
+            self.noise_pred = self.noise_pred.index_select(0, index)
 
 
 class Decoding:

@@ -1,8 +1,11 @@
-"""What the serving layer needs to know of a model family, without importing torch or diffusers."""
+"""The one registry of model families: what the config, the CLI, the tiny-model maker and the
+stages know of a family, without importing torch or diffusers."""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -13,20 +16,49 @@ class FamilySpec:
     # Import path of the module holding the family's three roles (text encoding, denoising,
     # decoding); imported lazily, inside the replica that needs it.
     module: str
+    # `module:function` writing a tiny random-weight checkpoint of the family (`builtin:tiny-<name>`).
+    tiny_builder: Optional[str] = None
+
+    @property
+    def builtin_model(self) -> Optional[str]:
+        return f"tiny-{self.name}" if self.tiny_builder else None
 
 
-_SPECS = (FamilySpec(name="flux", size_multiple=16, module="deployments.families.flux"),)
+_SPECS = (
+    FamilySpec(
+        name="flux",
+        size_multiple=16,
+        module="deployments.families.flux",
+        tiny_builder="deployments.tiny.flux:build_tiny_flux",
+    ),
+)
+
+
+def family_names() -> tuple[str, ...]:
+    return tuple(spec.name for spec in _SPECS)
 
 
 def family_spec(name: str) -> FamilySpec:
     for spec in _SPECS:
         if spec.name == name:
             return spec
-    raise KeyError(f"unknown model family {name!r}; known: {[s.name for s in _SPECS]}")
+    raise KeyError(f"unknown model family {name!r}; known: {list(family_names())}")
 
 
 def load_family(name: str):
     """The family module (`deployments.families.<name>`), imported on first use."""
-    import importlib
-
     return importlib.import_module(family_spec(name).module)
+
+
+def builtin_models() -> dict[str, FamilySpec]:
+    """`builtin:<name>` models (made locally, never downloaded) -> their family."""
+    return {spec.builtin_model: spec for spec in _SPECS if spec.builtin_model}
+
+
+def tiny_builder(family: str):
+    """The function writing a tiny checkpoint of `family`: (out: Path, seed: int) -> Path."""
+    spec = family_spec(family)
+    if spec.tiny_builder is None:
+        raise ValueError(f"no tiny model for family {family!r}")
+    module, function = spec.tiny_builder.split(":")
+    return getattr(importlib.import_module(module), function)

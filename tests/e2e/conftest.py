@@ -68,5 +68,6 @@ def user_env(tmp_path):
     """A fresh model cache (the builtin model is built on first use, by the replicas)."""
     env = dict(os.environ)
     env["DIT_SERVE_CACHE"] = str(tmp_path / "cache")
+    env["DIT_SERVE_DATA"] = str(tmp_path / "data")
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return env

@@ -27,6 +27,14 @@ TEST_ARGS = {
 }
 
 
+def own_store(args: dict, name: str) -> dict:
+    """`args` with a job store of its own: apps sharing a store share one queue."""
+    import os
+
+    path = os.path.join(os.environ["DIT_SERVE_DATA"], f"{name}.sqlite3")
+    return {**args, "jobs": {**args.get("jobs", {}), "store": {"path": path}}}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,7 +65,7 @@ def base_url(ray_cluster):
 
     from serve_app.app import build_app
 
-    serve.run(build_app(TEST_ARGS), name=APP, route_prefix="/")
+    serve.run(build_app(own_store(TEST_ARGS, APP)), name=APP, route_prefix="/")
     return ray_cluster
 
 

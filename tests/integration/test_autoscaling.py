@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.helpers import generate
-from tests.integration.conftest import TEST_ARGS
+from tests.integration.conftest import TEST_ARGS, own_store
 
 APP = "autoscale"
 # Short delays so a test sees both directions in about a minute.
@@ -47,7 +47,7 @@ def autoscale_url(ray_cluster):
     from serve_app.config import AppConfig
 
     app = build_graph(
-        AppConfig.model_validate(TEST_ARGS),
+        AppConfig.model_validate(own_store(TEST_ARGS, APP)),
         {"Denoiser": {"autoscaling_config": AUTOSCALING, "num_replicas": "auto"}},
     )
     serve.run(app, name=APP, route_prefix=f"/{APP}")

@@ -41,7 +41,7 @@ def test_make_tiny_model_refuses_a_non_empty_folder(tmp_path):
 
 
 def test_make_tiny_model_default_goes_where_builtin_resolves(private_cache, capsys):
-    from serve_app.tiny.store import resolve_model_path
+    from deployments.tiny.store import resolve_model_path
 
     assert main(["make-tiny-model", "--family", "flux"]) == 0
     printed = capsys.readouterr().out.strip()

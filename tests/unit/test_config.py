@@ -8,7 +8,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from serve_app.app import build_app, denoiser_options, stage_options
+from deployments.denoiser import deployment_options as denoiser_options
+from deployments.stage import batching_options
+from serve_app.app import build_app, build_graph, check_overrides
 from serve_app.config import AppConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,8 +51,14 @@ def test_shipped_configs_validate_and_build(path):
     for app in applications(path):
         assert app["import_path"] == "serve_app.app:build_app"
         AppConfig.model_validate(app["args"])
-        built = build_app(app["args"])
-        assert built is not None
+        config = AppConfig.model_validate(app["args"])
+        ingress = build_app(app["args"])._bound_deployment
+        assert ingress.name == "ImagesAPI"
+        stages = [a._bound_deployment for a in ingress.init_args[:3]]
+        assert [d.name for d in stages] == ["TextEncoder", "Denoiser", "VAEDecoder"]
+        for d, stage in zip(stages, [config.text_encoder, config.denoiser, config.vae_decoder]):
+            assert d.max_ongoing_requests == 2 * stage.batching.max_batch_size, d.name
+        assert stages[1].ray_actor_options["num_cpus"] == config.denoiser.replica_num_cpus
         names = {d["name"] for d in app["deployments"]}
         assert names == {"ImagesAPI", "TextEncoder", "Denoiser", "VAEDecoder"}
         for d in app["deployments"]:
@@ -69,7 +77,7 @@ def test_batches_can_fill(path):
             ("Denoiser", config.denoiser),
             ("VAEDecoder", config.vae_decoder),
         ]:
-            effective = overrides[name].get("max_ongoing_requests", stage_options(stage)["max_ongoing_requests"])
+            effective = overrides[name].get("max_ongoing_requests", batching_options(stage)["max_ongoing_requests"])
             assert effective >= stage.batching.max_batch_size, name
 
 
@@ -126,3 +134,63 @@ def test_local_configs_fit_two_cpus(name):
             per = d["ray_actor_options"]["num_cpus"]
         total += per * maxr
     assert total <= 2.0, total
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        ({"Denoiser": {"placement_group_bundles": [{"CPU": 1}]}}, "placement_group_bundles is derived"),
+        ({"Denoiser": {"placement_group_strategy": "SPREAD"}}, "placement_group_strategy"),
+        ({"Denoiser": {"ray_actor_options": {"num_gpus": 1}}}, "its workers do"),
+        ({"Denoiser": {"ray_actor_options": {"num_cpus": 4}}}, "replica_num_cpus"),
+        ({"TextEncoder": {"max_ongoing_requests": 2}}, "could never fill"),
+    ],
+)
+def test_overrides_that_would_break_the_app_are_refused(overrides, needle):
+    with pytest.raises(ValueError, match=needle):
+        build_graph(AppConfig(), overrides)
+
+
+def test_harmless_overrides_are_applied():
+    overrides = {"TextEncoder": {"ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 64}}
+    ingress = build_graph(AppConfig(), overrides)._bound_deployment
+    encoder = ingress.init_args[0]._bound_deployment
+    assert encoder.ray_actor_options["num_cpus"] == 0.5 and encoder.max_ongoing_requests == 64
+    check_overrides(AppConfig(), {"Denoiser": {"autoscaling_config": {"max_replicas": 3}}})
+
+
+def test_validate_config_reports_a_bad_override(tmp_path, capsys):
+    from serve_app.cli import main
+
+    document = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    document["applications"][0]["deployments"][2]["placement_group_bundles"] = [{"CPU": 1}]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(document))
+    assert main(["validate-config", str(path)]) == 1
+    assert "placement_group_bundles" in capsys.readouterr().err
+    assert main(["validate-config", str(ROOT / "configs" / "local.yaml")]) == 0
+
+
+@pytest.mark.parametrize(
+    "model, needle",
+    [
+        ({"family": "sd3"}, "unknown family 'sd3'"),
+        ({"path": "builtin:tiny-sd3"}, "unknown builtin model"),
+    ],
+)
+def test_families_and_builtin_models_come_from_the_registry(model, needle):
+    with pytest.raises(ValidationError, match=needle):
+        AppConfig.model_validate({"model": model})
+
+
+@pytest.mark.parametrize(
+    "jobs, needle",
+    [
+        ({"store": {"backend": "redis"}}, "url is required"),
+        ({"store": {"path": "relative/jobs.db"}}, "must be absolute"),
+        ({"max_attempts": 0}, "max_attempts"),
+    ],
+)
+def test_bad_job_settings_are_rejected(jobs, needle):
+    with pytest.raises(ValidationError, match=needle):
+        AppConfig.model_validate({"jobs": jobs})

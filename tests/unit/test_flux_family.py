@@ -8,6 +8,7 @@ import torch
 
 from deployments.families import flux
 from deployments.families.base import DenoiseInputs, LoadSpec
+from deployments.sampling import SamplingParams
 from tests.helpers import max_level_diff
 
 
@@ -26,8 +27,8 @@ def roles(tiny_flux_path):
     return flux.TextEncoding(spec), flux.Denoising(spec), flux.Decoding(spec)
 
 
-def generate(roles, prompts, seeds_per_prompt, width, height, steps=4, guidance=3.5):
-    te, dn, dc = roles
+def inputs_for(roles, prompts, seeds_per_prompt, width, height, steps=4, guidance=3.5):
+    te = roles[0]
     encoded = te.encode_prompt(te.tokenize(prompts))
     reps = [len(s) for s in seeds_per_prompt]
     inputs = DenoiseInputs(
@@ -35,14 +36,20 @@ def generate(roles, prompts, seeds_per_prompt, width, height, steps=4, guidance=
         pooled_prompt_embeds=torch.cat(
             [encoded.pooled_prompt_embeds[i : i + 1].repeat(r, 1) for i, r in enumerate(reps)]
         ),
-        seeds=tuple(s for seeds in seeds_per_prompt for s in seeds),
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
+        sampling=SamplingParams(
+            height, width, steps, guidance, tuple(s for seeds in seeds_per_prompt for s in seeds)
+        ),
     )
-    images = dc.decode(dn.denoise(inputs), height, width)
-    return [np.asarray(im).astype(np.int16) for im in images]
+    return inputs
+
+
+def generate(roles, prompts, seeds_per_prompt, width, height, steps=4, guidance=3.5):
+    inputs = inputs_for(roles, prompts, seeds_per_prompt, width, height, steps, guidance)
+    return pictures(roles, roles[1].denoise(inputs), width, height)
+
+
+def pictures(roles, latents, width, height):
+    return [np.asarray(im).astype(np.int16) for im in roles[2].decode(latents, height, width)]
 
 
 def test_single_request_equals_pipeline_exactly(roles, reference):
@@ -85,3 +92,35 @@ def test_tokenize_counts_untruncated_tokens(roles):
     assert tokens.token_counts[1] > 512
     assert tokens.input_ids[1].shape == (2, 512)
     assert tokens.input_ids[0].shape == (2, 77)
+
+
+def test_rows_dropped_between_steps_leave_the_others_as_they_were(roles, reference):
+    """The per-step contract: a batch that loses rows mid-loop (a cancelled request) gives every
+    kept row the image it gets alone, and runs only the kept rows from then on."""
+    _, dn, _ = roles
+    prompts = ["a cat", "a dog in the rain", "a bowl of fruit"]
+    inputs = inputs_for(roles, prompts, [(20,), (21, 22), (23,)], 128, 128, steps=6)
+    run = dn.prepare(inputs)
+    dn.step(run)
+    dn.step(run)
+    dn.step(run, keep=[1, 2, 3])  # the first request is cancelled after step 2
+    assert run.rows == 3
+    dn.step(run, keep=[0, 2])  # rows now: dog 21, dog 22, fruit 23; the second dog image goes
+    while run.step_index < run.num_steps:
+        dn.step(run)
+    kept = pictures(roles, dn.finish(run), 128, 128)
+    assert len(kept) == 2
+    # row 0 is "a dog in the rain" seed 21, row 1 is "a bowl of fruit" seed 23
+    for image, (prompt, seed) in zip(kept, [("a dog in the rain", 21), ("a bowl of fruit", 23)]):
+        assert max_level_diff(image, reference.image(prompt, seed, width=128, height=128, steps=6)) <= 1
+
+
+def test_previews_are_small_images_of_the_rows_asked(roles):
+    _, dn, _ = roles
+    run = dn.prepare(inputs_for(roles, ["a cat", "a dog"], [(1,), (2,)], 192, 128, steps=4))
+    assert dn.preview(run, [0]) == []  # no step yet: nothing predicted
+    dn.step(run)
+    previews = dn.preview(run, [1])
+    assert len(previews) == 1
+    assert previews[0].shape == (128 // 8, 192 // 8, 3) and previews[0].dtype == np.uint8
+    assert previews[0].max() == 255 and previews[0].min() == 0

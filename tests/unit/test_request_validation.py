@@ -7,15 +7,15 @@ import json
 import pytest
 
 from serve_app.config import AppConfig
-from serve_app.errors import ApiError, InvalidJson, InvalidParameter, ModelNotFound, PayloadTooLarge
+from deployments.errors import ApiError, InvalidJson, InvalidParameter, ModelNotFound, PayloadTooLarge
 from serve_app.image_store import LocalImageStore
 from serve_app.protocol import parse_generation_request
-from serve_app.service import ImageService
+from serve_app.planning import Planner
 
 
 @pytest.fixture()
 def service(tmp_path):
-    return ImageService(AppConfig(), None, None, None, LocalImageStore(str(tmp_path)))
+    return Planner(AppConfig())
 
 
 def plan(service, **body):
@@ -92,15 +92,15 @@ def test_limits_of_the_deployed_model(service, body, param, error):
 def test_plan_fills_defaults_and_seeds(service):
     encode, spec = plan(service, n=3, seed=41, size="128x64")
     assert encode.prompt == "a cat" and encode.request_id == "rid-1"
-    assert (spec.width, spec.height) == (128, 64)
-    assert spec.seeds == (41, 42, 43)
-    assert spec.num_inference_steps == 4 and spec.guidance_scale == 3.5
+    assert (spec.sampling.width, spec.sampling.height) == (128, 64)
+    assert spec.sampling.seeds == (41, 42, 43)
+    assert spec.sampling.num_inference_steps == 4 and spec.sampling.guidance_scale == 3.5
     assert spec.output_format == "png"
     _, spec = plan(service, seed=2**64 - 1, n=2)
-    assert spec.seeds == (2**64 - 1, 0)
+    assert spec.sampling.seeds == (2**64 - 1, 0)
     _, a = plan(service)
     _, b = plan(service)
-    assert a.seeds != b.seeds  # random when absent
+    assert a.sampling.seeds != b.sampling.seeds  # random when absent
 
 
 def test_error_bodies_are_openai_shaped():
@@ -126,7 +126,8 @@ def test_api_errors_survive_pickling():
 def test_server_failures_carry_only_the_request_id(caplog):
     import json as _json
 
-    from serve_app.errors import StageFailure, Unavailable, error_response
+    from deployments.errors import StageFailure, Unavailable
+    from serve_app.errors import error_response
 
     with caplog.at_level("ERROR", logger="dit_serve"):
         response = error_response(RuntimeError("secret detail /srv/model.py line 12"), "req-42")
@@ -161,7 +162,8 @@ def test_a_stage_dying_under_a_chained_request_is_a_retryable_503():
     from ray.exceptions import ActorDiedError, RayTaskError
     from ray.serve.exceptions import RayServeException
 
-    from serve_app.errors import Unavailable, classify, error_response
+    from deployments.errors import Unavailable
+    from serve_app.errors import classify, error_response
 
     wrapped = RayServeException("Request to deployment 'VAEDecoder' failed: upstream actor died")
     wrapped.__cause__ = ActorDiedError()
@@ -186,10 +188,10 @@ def test_heights_an_sp_group_cannot_split_are_rejected_naming_size(tmp_path, deg
     """xfuser splits the latent rows into SP-degree bands and fails on a remainder (its padding
     path calls a method that does not exist): such sizes are a 400 before they join a batch."""
     config = AppConfig.model_validate({"denoiser": {"ulysses_degree": degree}})
-    service = ImageService(config, None, None, None, LocalImageStore(str(tmp_path)))
+    service = Planner(config)
     if ok:
         _, spec = plan(service, size=size)
-        assert f"{spec.width}x{spec.height}" == size
+        assert f"{spec.sampling.width}x{spec.sampling.height}" == size
     else:
         with pytest.raises(InvalidParameter) as info:
             plan(service, size=size)

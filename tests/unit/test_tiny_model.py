@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.tiny.store import build_tiny
+from deployments.tiny.store import build_tiny
 
 
 def digest(folder: Path) -> dict[str, str]:

@@ -14,8 +14,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from deployments.families.specs import builtin_models, tiny_builder
+
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = ("tiny-flux",)
 
 
 def cache_root() -> Path:
@@ -28,17 +29,14 @@ def builtin_path(name: str, seed: int = 0) -> Path:
 
 def build_tiny(family: str, out: Path, seed: int = 0) -> Path:
     """Write a tiny checkpoint of `family` to `out` (must not exist yet)."""
-    if family != "flux":
-        raise ValueError(f"no tiny model for family {family!r}")
-    from serve_app.tiny.flux import build_tiny_flux
-
-    return build_tiny_flux(out, seed=seed)
+    return tiny_builder(family)(out, seed=seed)
 
 
 def ensure_builtin(name: str, seed: int = 0) -> Path:
     """The folder of builtin model `name`, building it once if it is not there yet."""
-    if name not in BUILTIN_MODELS:
-        raise ValueError(f"unknown builtin model {name!r}; known: {list(BUILTIN_MODELS)}")
+    known = builtin_models()
+    if name not in known:
+        raise ValueError(f"unknown builtin model {name!r}; known: {sorted(known)}")
     target = builtin_path(name, seed)
     if (target / "model_index.json").exists():
         return target
@@ -48,7 +46,7 @@ def ensure_builtin(name: str, seed: int = 0) -> Path:
         if not (target / "model_index.json").exists():
             staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
             try:
-                build_tiny(name.removeprefix("tiny-"), staging / "model", seed=seed)
+                build_tiny(known[name].name, staging / "model", seed=seed)
                 shutil.rmtree(target, ignore_errors=True)
                 os.replace(staging / "model", target)
             finally:

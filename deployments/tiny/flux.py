@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from serve_app.tiny.tokenizers import build_clip_tokenizer, build_t5_tokenizer
+from deployments.tiny.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
 # FLUX.1-dev's scheduler/scheduler_config.json.
 FLUX_SCHEDULER = dict(

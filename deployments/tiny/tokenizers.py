@@ -15,7 +15,7 @@ import json
 import re
 from pathlib import Path
 
-from serve_app.tiny.corpus import corpus_lines
+from deployments.tiny.corpus import corpus_lines
 
 CLIP_BOS = "<|startoftext|>"
 CLIP_EOS = "<|endoftext|>"

@@ -1,0 +1,69 @@
+"""What the routes of one ingress replica share, and the small helpers every route uses."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Callable
+
+from fastapi import Request
+
+from deployments.payloads import StageTrace
+from serve_app.config import AppConfig
+from serve_app.dispatcher import Dispatcher
+from serve_app.event_hub import EventHub
+from serve_app.image_store import LocalImageStore
+from serve_app.jobs import ANONYMOUS, Jobs
+from serve_app.pipeline import Pipeline
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+@dataclass
+class ApiContext:
+    config: AppConfig
+    pipeline: Pipeline
+    jobs: Jobs
+    hub: EventHub
+    images: LocalImageStore
+    dispatcher: Dispatcher
+    created: int
+    _background: set = field(default_factory=set)
+
+    def image_url(self, request: Request) -> Callable[[str], str]:
+        base = self.config.image_store.public_base_url
+
+        def url(name: str) -> str:
+            if base:
+                return f"{base.rstrip('/')}/images/{name}"
+            return str(request.url_for("get_image", name=name))
+
+        return url
+
+    def cancel_soon(self, job_id: str, owner: str, reason: str) -> None:
+        """From a connection being torn down: record the cancel in a task of its own."""
+        task = asyncio.get_running_loop().create_task(self.jobs.cancel(job_id, owner, reason))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def request_id_of(request: Request) -> str:
+    """The id the Serve proxy put on the request (it echoes it back as X-Request-ID)."""
+    return request.headers.get(REQUEST_ID_HEADER, "")[:128] or "unknown"
+
+
+def owner_of(request: Request) -> str:
+    """The tenant a request acts for (one, until API keys exist)."""
+    return ANONYMOUS
+
+
+def base_url(request: Request) -> str:
+    return str(request.base_url)
+
+
+def trace_headers(trace: tuple[StageTrace, ...]) -> dict[str, str]:
+    """Per-stage batch time (standard Server-Timing) and the batch size each stage ran."""
+    return {
+        "Server-Timing": ", ".join(f"{t.stage};dur={t.seconds * 1000:.1f}" for t in trace),
+        "x-dit-batch-sizes": ",".join(f"{t.stage}={t.batch_size}" for t in trace),
+    }

@@ -1,0 +1,335 @@
+"""The life of a request, over the job store (the state machine is in docs/request-lifecycle.md).
+
+Every request gets a record. An async job is created `queued` and run by whichever ingress claims
+it; a synchronous or streamed request is created `running`, leased to the ingress holding its
+connection, and run at once in a task of its own (shielded from the connection, so a client that
+goes away cancels the request instead of abandoning it half-way). An attempt runs the pipeline
+once; a stage dying under it is retried (an async job goes back to the queue, where any ingress may
+take it; an attached one is retried in place), up to `jobs.max_attempts`. Every attempt ends in
+exactly one `finish`: succeeded, failed or cancelled, with its event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hashlib
+import json
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from deployments.errors import ApiError, InvalidParameter, NotFound, Unavailable
+from deployments.events import cancelled as cancelled_event
+from deployments.job_store.base import (
+    CANCELLED,
+    FAILED,
+    RUNNING,
+    SUCCEEDED,
+    JobRecord,
+    JobStore,
+    NewEvent,
+)
+from deployments.payloads import Cancelled, EncodedImages, Rejected
+from serve_app.config import AppConfig
+from serve_app.errors import classify
+from serve_app.image_store import LocalImageStore
+from serve_app.pipeline import Pipeline
+from serve_app.planning import Planner
+from serve_app.protocol import ImageGenerationRequest
+
+logger = logging.getLogger("dit_serve")
+
+JOB_ID_RE = re.compile(r"^job_[0-9a-f]{24}$")
+ANONYMOUS = "anonymous"
+
+
+def new_job_id() -> str:
+    return "job_" + secrets.token_hex(12)
+
+
+def check_job_id(job_id: str, param: str = "job_id") -> str:
+    if not JOB_ID_RE.match(job_id):
+        raise InvalidParameter(
+            f"{param} must be a job id: job_ followed by 24 lowercase hex characters", param
+        )
+    return job_id
+
+
+def request_hash(req: ImageGenerationRequest) -> str:
+    """Of the request as the client sent it (before a random seed is fixed): what an idempotency
+    key is bound to."""
+    body = json.dumps(req.model_dump(exclude_none=True), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one attempt ended."""
+
+    status: str  # succeeded | failed | cancelled | retry
+    images: Optional[EncodedImages] = None
+    exception: Optional[BaseException] = None  # failed / retry: what the client is told
+    cancelled: Optional[Cancelled] = None
+
+
+class Jobs:
+    def __init__(
+        self,
+        config: AppConfig,
+        store: JobStore,
+        pipeline: Pipeline,
+        images: LocalImageStore,
+        worker: str,
+    ):
+        self.config = config
+        self.settings = config.jobs
+        self.store = store
+        self.pipeline = pipeline
+        self.images = images
+        self.worker = worker
+        self.planner = Planner(config)
+        self.running: dict[str, asyncio.Task] = {}  # job id -> the task running it here
+
+    async def call(self, fn, *args, **kwargs):
+        """A store call, off the event loop."""
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    # -- accepting ------------------------------------------------------------------------------
+    def _record(self, req, kind, owner, request_id, **fields) -> JobRecord:
+        accepted = self.planner.accept(req)  # raises the client's 4xx before anything is stored
+        stored = {"body": accepted.model_dump(exclude_none=True), "request_id": request_id}
+        return JobRecord(id=new_job_id(), kind=kind, owner=owner, request=stored, **fields)
+
+    async def submit(
+        self,
+        req: ImageGenerationRequest,
+        owner: str,
+        request_id: str,
+        idempotency_key: Optional[str] = None,
+    ) -> tuple[JobRecord, bool]:
+        """Queue an async job; (record, created). A retried POST with the same idempotency key gets
+        the first job back (created False)."""
+        record = self._record(
+            req,
+            "job",
+            owner,
+            request_id,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash(req) if idempotency_key else None,
+        )
+        record, created = await self.call(self.store.create, record)
+        if created:
+            position = await self.call(self.store.queue_position, record.id)
+            await self.call(
+                self.store.append_events, [NewEvent(record.id, "queued", {"position": position})]
+            )
+            logger.info("request %s queued job %s", request_id, record.id)
+        return record, created
+
+    async def start_attached(
+        self, req: ImageGenerationRequest, kind: str, owner: str, request_id: str
+    ) -> tuple[JobRecord, asyncio.Task]:
+        """Create a sync/stream record leased to this ingress and start running it; the task gives
+        (final record, images or None, outcome)."""
+        now = time.time()
+        record = self._record(
+            req,
+            kind,
+            owner,
+            request_id,
+            status=RUNNING,
+            attempts=1,
+            lease_owner=self.worker,
+            lease_expires=now + self.settings.lease_s,
+            started_at=now,
+        )
+        record, _ = await self.call(self.store.create, record)
+        logger.info("request %s runs as %s %s", request_id, kind, record.id)
+        return record, self._spawn(record.id, self._run_attached(record))
+
+    def _spawn(self, job_id: str, coro) -> asyncio.Task:
+        """Run `coro` as a task of its own, in a fresh context: Serve treats calls made in an HTTP
+        request's context as that request's children and cancels them when the client goes away,
+        but an attempt belongs to the job; its cancellation goes through the store's flag."""
+        task = contextvars.Context().run(asyncio.get_running_loop().create_task, coro)
+        self.running[job_id] = task
+        task.add_done_callback(lambda _: self.running.pop(job_id, None))
+        return task
+
+    # -- running --------------------------------------------------------------------------------
+    async def _run_attached(self, record: JobRecord):
+        attempt = 1
+        while True:
+            outcome = await self._attempt(record, attempt)
+            if outcome.status != "retry" or attempt >= self.settings.max_attempts:
+                break
+            if record.id in await self.call(self.store.cancel_requested, [record.id]):
+                outcome = Outcome("cancelled", cancelled=Cancelled(record.id, "ingress"))
+                break
+            delay = self._backoff(attempt)
+            await self.call(self.store.append_events, [self._retry_event(record, attempt, outcome, delay)])
+            await asyncio.sleep(delay)  # the retry policy's wait, not a stand-in for a signal
+            attempt += 1
+        final = await self._finish(record, outcome, attempt)
+        return final, outcome.images, outcome
+
+    def run_claimed(self, record: JobRecord) -> asyncio.Task:
+        """Run a job this ingress claimed: one attempt; a retry goes back to the queue."""
+        return self._spawn(record.id, self._run_claimed(record))
+
+    async def _run_claimed(self, record: JobRecord) -> None:
+        outcome = await self._attempt(record, record.attempts)
+        if outcome.status == "retry" and record.attempts < self.settings.max_attempts:
+            delay = self._backoff(record.attempts)
+            event = self._retry_event(record, record.attempts, outcome, delay)
+            if await self.call(self.store.requeue, record.id, self.worker, delay_s=delay, event=event):
+                return
+        await self._finish(record, outcome, record.attempts)
+
+    def _backoff(self, attempt: int) -> float:
+        return self.settings.retry_backoff_s * 2 ** (attempt - 1)
+
+    @staticmethod
+    def _retry_event(record, attempt: int, outcome: Outcome, delay: float) -> NewEvent:
+        reason = getattr(outcome.exception, "message", None) or type(outcome.exception).__name__
+        return NewEvent(record.id, "retry", {"attempt": attempt, "reason": reason, "delay_s": delay})
+
+    async def _attempt(self, record: JobRecord, attempt: int) -> Outcome:
+        req = ImageGenerationRequest.model_validate(record.request["body"])
+        encode_request, spec = self.planner.plan(req, record.id)
+        await self.call(self.store.append_events, [NewEvent(record.id, "dispatched", {"attempt": attempt})])
+        try:
+            out = await self.pipeline.run(encode_request, spec)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an outcome
+            error = classify(exc)
+            if isinstance(error, Unavailable):
+                logger.warning("job %s attempt %d: %s", record.id, attempt, error.message)
+                return Outcome("retry", exception=error)
+            if not isinstance(error, ApiError):
+                logger.error(
+                    "job %s (request %s) failed", record.id, record.request.get("request_id"), exc_info=exc
+                )
+            return Outcome("failed", exception=error)
+        if isinstance(out, Rejected):
+            return Outcome("failed", exception=out.error)
+        if isinstance(out, Cancelled):
+            return Outcome("cancelled", cancelled=out)
+        return Outcome("succeeded", images=out)
+
+    async def _finish(self, record: JobRecord, outcome: Outcome, attempts: int) -> JobRecord:
+        result = error = None
+        if outcome.status == "succeeded":
+            status, result = SUCCEEDED, await self._keep(record, outcome.images)
+            event = NewEvent(record.id, "completed", result)
+        elif outcome.status == "cancelled":
+            stop = outcome.cancelled
+            status = CANCELLED
+            event = cancelled_event(record.id, "cancelled", stop.stage, stop.steps_done)
+        else:
+            status, error = FAILED, self._error_object(record, outcome, attempts)
+            event = NewEvent(record.id, "failed", {"error": error})
+        final = await self.call(
+            self.store.finish,
+            record.id,
+            self.worker,
+            status,
+            retention_s=self.settings.retention_s,
+            result=result,
+            error=error,
+            event=event,
+        )
+        if final is None:  # the lease was lost (this ingress was presumed dead): not ours to end
+            logger.warning("job %s: lease lost before it ended %s here", record.id, status)
+            if result:
+                await asyncio.to_thread(self._delete_images, result)
+            return await self.call(self.store.get, record.id) or record
+        logger.info("job %s %s after %d attempt(s)", record.id, status, attempts)
+        return final
+
+    @staticmethod
+    def _error_object(record: JobRecord, outcome: Outcome, attempts: int) -> dict:
+        exc = outcome.exception
+        if outcome.status == "retry":
+            return {
+                "message": f"gave up after {attempts} attempts: {exc.message}",
+                "type": "server_error",
+                "param": None,
+                "code": "unavailable",
+            }
+        if isinstance(exc, ApiError):
+            return exc.error_object()
+        request_id = record.request.get("request_id")
+        return {
+            "message": f"internal server error (job {record.id}, request id {request_id})",
+            "type": "server_error",
+            "param": None,
+            "code": "internal_error",
+        }
+
+    async def _keep(self, record: JobRecord, images: EncodedImages) -> dict:
+        """The result to store. Images are written to the image store for async jobs (fetched
+        later) and url responses; a synchronous b64 response carries them itself."""
+        body = record.request["body"]
+        url = body.get("response_format") == "url"
+        keep = record.kind == "job" or url
+        seeds = [(body["seed"] + i) % 2**64 for i in range(len(images.images))]
+        names = [None] * len(images.images)
+        if keep:
+            names = [
+                await asyncio.to_thread(self.images.save, blob, images.output_format)
+                for blob in images.images
+            ]
+        return {
+            "created": int(time.time()),
+            "response_format": "url" if url else "b64_json",
+            "output_format": images.output_format,
+            "size": f"{images.width}x{images.height}",
+            "images": [{"seed": s, "name": n} for s, n in zip(seeds, names)],
+        }
+
+    def _delete_images(self, result: dict) -> None:
+        for image in result.get("images", ()):
+            if image.get("name"):
+                self.images.delete(image["name"])
+
+    # -- cancelling and reading -----------------------------------------------------------------
+    async def cancel(self, job_id: str, owner: str, reason: str) -> JobRecord:
+        record = await self.get(job_id, owner)
+        record = await self.call(
+            self.store.request_cancel, record.id, retention_s=self.settings.retention_s
+        )
+        if record is not None and record.status == RUNNING:
+            await self.call(
+                self.store.append_events, [NewEvent(record.id, "cancel_requested", {"reason": reason})]
+            )
+        return record
+
+    async def get(self, job_id: str, owner: str) -> JobRecord:
+        record = await self.call(self.store.get, check_job_id(job_id))
+        if record is None or record.owner != owner:
+            raise NotFound(f"no job {job_id!r}", "job_id")
+        return record
+
+    # -- maintenance ----------------------------------------------------------------------------
+    async def maintain(self) -> None:
+        """Renew the leases of what runs here; recover what other (dead) ingresses left; delete
+        what expired."""
+        renewing = dict(self.running)  # jobs started while the call runs are not judged by it
+        held = await self.call(self.store.renew, self.worker, list(renewing), self.settings.lease_s)
+        for job_id, task in renewing.items():
+            if job_id not in held and not task.done():
+                logger.warning("job %s: lease lost; stopping it here", job_id)
+                task.cancel()
+        for recovered in await self.call(
+            self.store.recover,
+            max_attempts=self.settings.max_attempts,
+            retention_s=self.settings.retention_s,
+        ):
+            logger.warning("job %s recovered -> %s (%s)", recovered.job_id, recovered.status, recovered.reason)
+        for record in await self.call(self.store.sweep):
+            if record.result:
+                await asyncio.to_thread(self._delete_images, record.result)

@@ -1,0 +1,85 @@
+"""A request checked against the deployed config and turned into what each stage is asked.
+
+`accept` fixes everything random once (the seed), so a request re-run after a failure or a restart
+gives the same images; `plan` is then pure. Torch-free: this runs in the ingress replica.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from deployments.errors import InvalidParameter, ModelNotFound
+from deployments.payloads import EncodeRequest, GenerationSpec
+from deployments.sampling import SamplingParams
+from serve_app.config import AppConfig, parse_size
+from serve_app.protocol import ImageGenerationRequest
+
+
+class Planner:
+    def __init__(self, config: AppConfig):
+        self.config = config
+
+    def accept(self, req: ImageGenerationRequest) -> ImageGenerationRequest:
+        """The request as it will be run, every time: checked, with its seed fixed."""
+        self.plan(req, "check")
+        if req.seed is None:
+            req = req.model_copy(update={"seed": secrets.randbits(32)})
+        return req
+
+    def plan(self, req: ImageGenerationRequest, request_id: str) -> tuple[EncodeRequest, GenerationSpec]:
+        """Check a request against the deployed model's limits; what each stage will be asked."""
+        cfg, lim, defaults = self.config, self.config.limits, self.config.defaults
+        if req.model is not None and req.model != cfg.model.name:
+            raise ModelNotFound(
+                f"model {req.model!r} is not served here; available: [{cfg.model.name!r}]", "model"
+            )
+        if not req.prompt.strip():
+            raise InvalidParameter("prompt must not be empty", "prompt")
+        if len(req.prompt) > lim.max_prompt_chars:
+            raise InvalidParameter(
+                f"prompt is {len(req.prompt)} characters; the limit is {lim.max_prompt_chars}", "prompt"
+            )
+        if req.n > lim.max_n:
+            raise InvalidParameter(f"n must be between 1 and {lim.max_n}", "n")
+        width, height = self._size(req.size or defaults.size)
+        steps = req.num_inference_steps or defaults.num_inference_steps
+        if steps > lim.max_steps:
+            raise InvalidParameter(
+                f"num_inference_steps must be between 1 and {lim.max_steps}", "num_inference_steps"
+            )
+        guidance = defaults.guidance_scale if req.guidance_scale is None else req.guidance_scale
+        if guidance > lim.max_guidance_scale:
+            raise InvalidParameter(
+                f"guidance_scale must be between 0 and {lim.max_guidance_scale}", "guidance_scale"
+            )
+        fmt = req.output_format or defaults.output_format
+        if req.output_compression is not None and fmt == "png":
+            raise InvalidParameter(
+                "output_compression applies to jpeg and webp only", "output_compression"
+            )
+        seed = secrets.randbits(32) if req.seed is None else req.seed
+        sampling = SamplingParams(
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            guidance_scale=float(guidance),
+            seeds=tuple((seed + i) % 2**64 for i in range(req.n)),
+        )
+        spec = GenerationSpec(
+            request_id=request_id,
+            sampling=sampling,
+            output_format=fmt,
+            output_compression=req.output_compression,
+            partial_images=req.partial_images or 0,
+        )
+        return EncodeRequest(request_id=request_id, prompt=req.prompt), spec
+
+    def _size(self, size: str) -> tuple[int, int]:
+        try:
+            width, height = parse_size(size)
+        except ValueError:
+            raise InvalidParameter(f"size must look like 1024x1024, got {size!r}", "size") from None
+        error = self.config.size_error(width, height)
+        if error:
+            raise InvalidParameter(f"size {size}: {error}", "size")
+        return width, height
