@@ -14,6 +14,8 @@ check by request id at every step boundary, step events out, latents or `Cancell
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -64,8 +66,23 @@ def row_offsets(items: Sequence[DenoiseItem]) -> list[int]:
     return offsets
 
 
+@dataclass
+class _Step:
+    """A step sent to the ranks and not yet reported: who was in it."""
+
+    number: int
+    members: list[int]  # items whose rows it computes, in row order
+    previews: list[tuple[int, int]]  # (item, preview index) asked of rank 0, in order
+    call: "asyncio.Future"
+
+
 async def run_group(group, items: Sequence[DenoiseItem], progress: StageProgress) -> list:
-    """Latents (the rows, CPU) or `Cancelled` per item. Raises what the worker group raises."""
+    """Latents (the rows, CPU) or `Cancelled` per item. Raises what the worker group raises.
+
+    Two steps are in flight at a time: while the ranks compute step k+1, the replica reports step
+    k, reads the stop flags and sends step k+2 with the rows to keep. The ranks never wait on a
+    round trip between steps, and a request stopped at any moment has at most two more steps
+    computed (the one running and the one queued)."""
     ids = [it.spec.request_id for it in items]
     results: list = [None] * len(items)
     stopped = await progress.stopped(ids)
@@ -78,37 +95,63 @@ async def run_group(group, items: Sequence[DenoiseItem], progress: StageProgress
     sampling = items[active[0]].spec.sampling
     steps = sampling.num_inference_steps
     previews = {i: preview_steps(steps, items[i].spec.partial_images) for i in active}
+    done = {i: 0 for i in active}  # steps sent with each item's rows
     group.begin(stack_inputs([items[i] for i in active]))
-    keep = None
-    for step in range(1, steps + 1):
-        if step > 1:
-            stopped = await progress.stopped([ids[i] for i in active])
-            if stopped:
-                offsets = row_offsets([items[i] for i in active])
-                keep = [
-                    offsets[k] + r
-                    for k, i in enumerate(active)
-                    if ids[i] not in stopped
-                    for r in range(items[i].spec.n)
-                ]
-                for i in active:
-                    if ids[i] in stopped:
-                        results[i] = Cancelled(ids[i], STAGE, step - 1)
-                active = [i for i in active if ids[i] not in stopped]
-                if not active:
-                    await group.abort()
-                    return results
+    in_flight: deque[_Step] = deque()
+    sent_with = list(active)  # the members of the last step sent (the ranks' current rows)
+
+    def send(number: int, keep) -> None:
         offsets = row_offsets([items[i] for i in active])
-        asked = [(i, previews[i][step]) for i in active if step in previews[i]]
-        report = await group.step(keep, [offsets[active.index(i)] for i, _ in asked])
-        keep = None
-        progress.emit([events.step_done(ids[i], step, steps, report.seconds) for i in active])
-        progress.emit(
-            [
-                events.preview(ids[i], step, index, png, width, height)
-                for (i, index), (png, width, height) in zip(asked, report.previews)
-            ]
-        )
+        asked = [(i, previews[i][number]) for i in active if number in previews[i]]
+        rows = [offsets[active.index(i)] for i, _ in asked]
+        call = asyncio.ensure_future(group.step(keep, rows))
+        in_flight.append(_Step(number, list(active), asked, call))
+        for i in active:
+            done[i] = number
+
+    next_step = 1
+    try:
+        while next_step <= steps or in_flight:
+            if next_step <= steps and len(in_flight) < 2 and active:
+                keep = None
+                if next_step > 1:
+                    # Steps reported so far reach the log before the flags are read, so a log
+                    # shows at most the two steps in flight after any cancel.
+                    await progress.flush()
+                    stopped = await progress.stopped([ids[i] for i in active])
+                    if stopped:
+                        offsets = row_offsets([items[i] for i in sent_with])
+                        keep = [
+                            offsets[k] + r
+                            for k, i in enumerate(sent_with)
+                            if ids[i] not in stopped
+                            for r in range(items[i].spec.n)
+                        ]
+                        for i in active:
+                            if ids[i] in stopped:
+                                results[i] = Cancelled(ids[i], STAGE, done[i])
+                        active = [i for i in active if ids[i] not in stopped]
+                if active:
+                    send(next_step, keep)
+                    sent_with = list(active)
+                    next_step += 1
+                    continue
+                next_step = steps + 1  # every request stopped: let the steps in flight end
+            sent = in_flight.popleft()
+            report = await sent.call
+            progress.emit([events.step_done(ids[i], sent.number, steps, report.seconds) for i in sent.members])
+            progress.emit(
+                [
+                    events.preview(ids[i], sent.number, index, png, width, height)
+                    for (i, index), (png, width, height) in zip(sent.previews, report.previews)
+                ]
+            )
+    finally:
+        for sent in in_flight:  # a failure: the group is broken; nothing to wait for
+            sent.call.cancel()
+    if not active:
+        await group.abort()
+        return results
     latents = await group.finish()
     for i, start in zip(active, row_offsets([items[i] for i in active])):
         results[i] = latents[start : start + items[i].spec.n].clone()

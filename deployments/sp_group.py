@@ -195,10 +195,19 @@ class WorkerGroup:
         """A new batch: its inputs go to every rank with its first step."""
         self._inputs = ray.put(inputs)
 
-    async def step(self, keep: Optional[Sequence[int]], preview_rows: Sequence[int]) -> StepReport:
+    def step(self, keep: Optional[Sequence[int]], preview_rows: Sequence[int]):
+        """Send one step to every rank now (each rank runs its calls in the order sent, so steps
+        may be sent before the previous one ends); await the result for rank 0's report."""
+        if self.broken:
+            raise WorkerGroupBroken(self.broken)
         inputs, self._inputs = self._inputs, None
         keep = None if keep is None else list(keep)
-        return (await self._each("step", keep, list(preview_rows), inputs))[0]
+        refs = [w.step.remote(keep, list(preview_rows), inputs) for w in self._workers]
+        return self._first(self._all(refs, self._timeout_s, "step"))
+
+    @staticmethod
+    async def _first(results) -> StepReport:
+        return (await results)[0]
 
     async def finish(self):
         return (await self._each("finish"))[0]

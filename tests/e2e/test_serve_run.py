@@ -17,16 +17,29 @@ from PIL import Image
 from tests.e2e.conftest import BIN, config_copy, free_port, interrupt, port_is_free, wait_healthy
 
 
-def denoise_workers() -> list[int]:
-    """pids of this machine's denoiser worker actors (Ray names their processes)."""
-    pids = []
+def denoise_workers(root: int) -> list[int]:
+    """pids of the denoiser worker actors (Ray names their processes) that `root` started: other
+    Ray clusters on the machine are not this server's."""
+    parents, names = {}, {}
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::DenoiseWorker"):
-                pids.append(int(entry.name))
-        except OSError:
+            if entry.name.isdigit():
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+                names[int(entry.name)] = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
             continue
-    return pids
+
+    def under_root(pid: int) -> bool:
+        for _ in range(64):
+            if pid == root:
+                return True
+            pid = parents.get(pid, 0)
+            if pid <= 1:
+                return False
+        return False
+
+    return [pid for pid, cmd in names.items() if cmd.startswith(b"ray::DenoiseWorker") and under_root(pid)]
 
 
 @pytest.mark.parametrize("name", ["local.yaml", "local-sp2.yaml"])
@@ -63,7 +76,7 @@ def test_serve_run_local_config(tmp_path, user_env, name):
         assert len(result.data) == 2 and all(d.b64_json for d in result.data)
         assert requests.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"] == "tiny-flux"
         # one denoiser replica: as many worker processes as its SP degree
-        assert len(denoise_workers()) == (2 if name == "local-sp2.yaml" else 1)
+        assert len(denoise_workers(proc.pid)) == (2 if name == "local-sp2.yaml" else 1)
     finally:
         code = interrupt(proc)
         log.close()

@@ -58,6 +58,7 @@ def test_delete_stops_a_running_job_and_its_batch_mates_are_unaffected(base_url,
     assert cancel.json()["status"] == "running" and cancel.json()["cancel_requested"] is True
     events = job_events(base_url, jobs[0]["id"])
     assert events[-1]["event"] == "cancelled"
+    print(f"DELETE: steps after cancel_requested {steps_after_cancel(events)}")
     assert len(steps_after_cancel(events)) <= 2, steps_after_cancel(events)
     assert events[-1]["data"]["stage"] == "denoiser" and events[-1]["data"]["steps_done"] < 50
     final = requests.get(jobs[0]["status_url"], timeout=30).json()
@@ -102,6 +103,7 @@ def test_a_synchronous_client_that_disconnects_stops_its_request(base_url, store
     end = wait_for(store, lambda e: e.job_id == job_id and e.type in ("cancelled", "completed", "failed"), "its end")
     events = as_dicts(store.events(job_id))
     assert end.type == "cancelled", events[-3:]
+    print(f"sync disconnect: steps after cancel_requested {steps_after_cancel(events)}")
     assert events[-1]["event"] == "cancelled" and events[-1]["data"]["steps_done"] < 50
     assert len(steps_after_cancel(events)) <= 2, steps_after_cancel(events)
     assert next(e for e in events if e["event"] == "cancel_requested")["data"]["reason"] == "the client disconnected"
@@ -117,5 +119,6 @@ def test_a_streaming_client_that_disconnects_stops_its_request(base_url, store):
     end = wait_for(store, lambda e: e.job_id == job_id and e.type in ("cancelled", "completed", "failed"), "its end")
     events = as_dicts(store.events(job_id))
     assert end.type == "cancelled"
+    print(f"stream disconnect: steps after cancel_requested {steps_after_cancel(events)}")
     assert len(steps_after_cancel(events)) <= 2, steps_after_cancel(events)
     assert events[-1]["data"]["steps_done"] < 50
