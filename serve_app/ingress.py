@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.errors import InvalidParameter
 from deployments.stage import open_store
+from serve_app.asgi import DisconnectOnCancelledReceive
 from serve_app.context import ApiContext, request_id_of
 from serve_app.dispatcher import Dispatcher
 from serve_app.errors import RouteError, error_response
@@ -56,6 +57,7 @@ def build_api(ctx: ApiContext) -> FastAPI:
 
     add_image_routes(app, ctx)
     add_job_routes(app, ctx)
+    app.add_middleware(DisconnectOnCancelledReceive)
     return app
 
 

@@ -157,8 +157,14 @@ class Jobs:
         but an attempt belongs to the job; its cancellation goes through the store's flag."""
         task = contextvars.Context().run(asyncio.get_running_loop().create_task, coro)
         self.running[job_id] = task
-        task.add_done_callback(lambda _: self.running.pop(job_id, None))
+        task.add_done_callback(lambda done: self._ended(job_id, done))
         return task
+
+    def _ended(self, job_id: str, task: asyncio.Task) -> None:
+        self.running.pop(job_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            # The store failed under it: its lease lapses and recovery ends or re-runs it.
+            logger.error("job %s: its run failed", job_id, exc_info=task.exception())
 
     # -- running --------------------------------------------------------------------------------
     async def _run_attached(self, record: JobRecord):

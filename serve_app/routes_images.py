@@ -44,6 +44,8 @@ def add_image_routes(app: FastAPI, ctx: ApiContext) -> None:
                 return error_response(Unavailable("the request was moved; retry it"), rid)
             ctx.cancel_soon(record.id, owner, "the client disconnected")  # stop its work, let go
             raise
+        except Exception as exc:  # noqa: BLE001 - the run itself failed (the job store, say)
+            return error_response(exc, rid)
         if outcome.status == "cancelled":
             return error_response(RequestCancelled(f"request {record.id} was cancelled"), rid)
         if outcome.status != "succeeded":
