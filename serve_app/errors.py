@@ -8,7 +8,6 @@ The exception classes themselves live in `deployments.errors` (stages raise them
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from fastapi.responses import JSONResponse
 

@@ -32,7 +32,7 @@ TAIL_BATCH = 1000  # the most events one `tail` returns
 
 _TERMINAL_SQL = ", ".join(f"'{s}'" for s in sorted(TERMINAL))
 
-_SCHEMA = f"""
+_SCHEMA = """
 CREATE TABLE jobs (
     id TEXT PRIMARY KEY,
     kind TEXT NOT NULL,

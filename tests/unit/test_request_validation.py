@@ -8,7 +8,6 @@ import pytest
 
 from serve_app.config import AppConfig
 from deployments.errors import ApiError, InvalidJson, InvalidParameter, ModelNotFound, PayloadTooLarge
-from serve_app.image_store import LocalImageStore
 from serve_app.protocol import parse_generation_request
 from serve_app.planning import Planner
 
