@@ -84,66 +84,61 @@ async def run_group(group, items: Sequence[DenoiseItem], progress: StageProgress
     round trip between steps, and a request stopped at any moment has at most two more steps
     computed (the one running and the one queued)."""
     ids = [it.spec.request_id for it in items]
-    results: list = [None] * len(items)
     stopped = await progress.stopped(ids)
-    active = [i for i in range(len(items)) if ids[i] not in stopped]
-    for i in range(len(items)):
-        if i not in active:
-            results[i] = Cancelled(ids[i], STAGE, 0)
+    results: list = [Cancelled(i, STAGE, 0) if i in stopped else None for i in ids]
+    active = [k for k, i in enumerate(ids) if i not in stopped]  # items on the ranks, row order
     if not active:
         return results
-    sampling = items[active[0]].spec.sampling
-    steps = sampling.num_inference_steps
-    previews = {i: preview_steps(steps, items[i].spec.partial_images) for i in active}
-    done = {i: 0 for i in active}  # steps sent with each item's rows
-    group.begin(stack_inputs([items[i] for i in active]))
+    steps = items[active[0]].spec.sampling.num_inference_steps
+    previews = {k: preview_steps(steps, items[k].spec.partial_images) for k in active}
+    group.begin(stack_inputs([items[k] for k in active]))
     in_flight: deque[_Step] = deque()
-    sent_with = list(active)  # the members of the last step sent (the ranks' current rows)
 
     def send(number: int, keep) -> None:
-        offsets = row_offsets([items[i] for i in active])
-        asked = [(i, previews[i][number]) for i in active if number in previews[i]]
-        rows = [offsets[active.index(i)] for i, _ in asked]
-        call = asyncio.ensure_future(group.step(keep, rows))
-        in_flight.append(_Step(number, list(active), asked, call))
-        for i in active:
-            done[i] = number
+        offsets = row_offsets([items[k] for k in active])
+        asked = [(k, previews[k][number]) for k in active if number in previews[k]]
+        rows = [offsets[active.index(k)] for k, _ in asked]
+        in_flight.append(_Step(number, list(active), asked, asyncio.ensure_future(group.step(keep, rows))))
+
+    async def drop_stopped(done: int):
+        """Rows to keep (None: all) once the requests stopped now leave, after `done` steps."""
+        nonlocal active
+        # Steps reported so far reach the log before the flags are read, so a log shows at most
+        # the two steps in flight after any cancel.
+        await progress.flush()
+        stopped = await progress.stopped([ids[k] for k in active])
+        if not stopped:
+            return None
+        offsets = row_offsets([items[k] for k in active])
+        keep = [
+            offsets[n] + r
+            for n, k in enumerate(active)
+            if ids[k] not in stopped
+            for r in range(items[k].spec.n)
+        ]
+        for k in active:
+            if ids[k] in stopped:
+                results[k] = Cancelled(ids[k], STAGE, done)
+        active = [k for k in active if ids[k] not in stopped]
+        return keep
 
     next_step = 1
     try:
         while next_step <= steps or in_flight:
-            if next_step <= steps and len(in_flight) < 2 and active:
-                keep = None
-                if next_step > 1:
-                    # Steps reported so far reach the log before the flags are read, so a log
-                    # shows at most the two steps in flight after any cancel.
-                    await progress.flush()
-                    stopped = await progress.stopped([ids[i] for i in active])
-                    if stopped:
-                        offsets = row_offsets([items[i] for i in sent_with])
-                        keep = [
-                            offsets[k] + r
-                            for k, i in enumerate(sent_with)
-                            if ids[i] not in stopped
-                            for r in range(items[i].spec.n)
-                        ]
-                        for i in active:
-                            if ids[i] in stopped:
-                                results[i] = Cancelled(ids[i], STAGE, done[i])
-                        active = [i for i in active if ids[i] not in stopped]
+            if next_step <= steps and len(in_flight) < 2:
+                keep = None if next_step == 1 else await drop_stopped(next_step - 1)
                 if active:
                     send(next_step, keep)
-                    sent_with = list(active)
                     next_step += 1
                     continue
                 next_step = steps + 1  # every request stopped: let the steps in flight end
             sent = in_flight.popleft()
             report = await sent.call
-            progress.emit([events.step_done(ids[i], sent.number, steps, report.seconds) for i in sent.members])
+            progress.emit([events.step_done(ids[k], sent.number, steps, report.seconds) for k in sent.members])
             progress.emit(
                 [
-                    events.preview(ids[i], sent.number, index, png, width, height)
-                    for (i, index), (png, width, height) in zip(sent.previews, report.previews)
+                    events.preview(ids[k], sent.number, index, png, width, height)
+                    for (k, index), (png, width, height) in zip(sent.previews, report.previews)
                 ]
             )
     finally:
@@ -153,6 +148,6 @@ async def run_group(group, items: Sequence[DenoiseItem], progress: StageProgress
         await group.abort()
         return results
     latents = await group.finish()
-    for i, start in zip(active, row_offsets([items[i] for i in active])):
-        results[i] = latents[start : start + items[i].spec.n].clone()
+    for k, start in zip(active, row_offsets([items[k] for k in active])):
+        results[k] = latents[start : start + items[k].spec.n].clone()
     return results

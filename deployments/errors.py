@@ -58,6 +58,13 @@ class Conflict(ApiError):
     code = "conflict"
 
 
+class RequestCancelled(ApiError):
+    """A request that was cancelled (by a DELETE of its id) while its client waited for it."""
+
+    status = 409
+    code = "request_cancelled"
+
+
 class Unavailable(ApiError):
     """The service cannot take the request now; the client may retry (503 + Retry-After)."""
 

@@ -12,7 +12,9 @@ import asyncio
 import logging
 from typing import Sequence
 
+from deployments import events
 from deployments.job_store.base import JobStore, NewEvent
+from deployments.payloads import Cancelled
 
 logger = logging.getLogger("ray.serve")
 
@@ -45,6 +47,26 @@ class StageProgress:
             logger.exception("%s: reading cancel flags failed; going on", self.stage)
             flagged = set()
         return local | flagged
+
+    async def run_batch(self, items: Sequence, ids: Sequence[str], rows_of, work, done_type) -> list:
+        """One batch of a stage that reports only its start and end (text encoder, VAE): stopped
+        requests are answered `Cancelled` without work; the others get `stage` started/finished
+        events around `work(todo)` (one result per item), written before the results return."""
+        stopped = await self.stopped(ids)
+        todo = [item for item, i in zip(items, ids) if i not in stopped]
+        rows = rows_of(todo)
+        self.emit([events.stage_started(i, self.stage, rows) for i in ids if i not in stopped])
+        done = iter(await work(todo) if todo else ())
+        results = [Cancelled(i, self.stage) if i in stopped else next(done) for i in ids]
+        self.emit(
+            [
+                events.stage_finished(i, self.stage, rows, out.trace[-1].seconds)
+                for i, out in zip(ids, results)
+                if isinstance(out, done_type)
+            ]
+        )
+        await self.flush()
+        return results
 
     # -- events ---------------------------------------------------------------------------------
     def emit(self, events: Sequence[NewEvent]) -> None:

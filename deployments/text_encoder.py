@@ -13,7 +13,6 @@ from typing import Any
 
 from ray import serve
 
-from deployments import events
 from deployments.errors import InvalidParameter
 from deployments.payloads import Cancelled, EncodeRequest, PromptEmbeddings, Rejected
 from deployments.runtime import (
@@ -50,22 +49,13 @@ class TextEncoder:
 
     @serve.batch()
     async def _encode_batch(self, requests: list[EncodeRequest]) -> list:
-        stopped = await self._progress.stopped([r.request_id for r in requests])
-        todo = [r for r in requests if r.request_id not in stopped]
-        self._progress.emit([events.stage_started(r.request_id, STAGE, len(todo)) for r in todo])
-        done = iter(await self._executor.run(self._encode_sync, todo) if todo else ())
-        results = [
-            Cancelled(r.request_id, STAGE) if r.request_id in stopped else next(done) for r in requests
-        ]
-        self._progress.emit(
-            [
-                events.stage_finished(r.request_id, STAGE, len(todo), out.trace[-1].seconds)
-                for r, out in zip(requests, results)
-                if isinstance(out, PromptEmbeddings)
-            ]
+        return await self._progress.run_batch(
+            requests,
+            [r.request_id for r in requests],
+            len,
+            lambda todo: self._executor.run(self._encode_sync, todo),
+            PromptEmbeddings,
         )
-        await self._progress.flush()
-        return results
 
     def _encode_sync(self, requests: list[EncodeRequest]) -> list:
         watch = Stopwatch("text_encoder")

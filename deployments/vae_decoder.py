@@ -7,10 +7,9 @@ from typing import Any
 
 from ray import serve
 
-from deployments import events
 from deployments.batching import decode_key, group_by, images_in, row_slices
 from deployments.image_codec import encode_image
-from deployments.payloads import Cancelled, EncodedImages, Latents, passes_through
+from deployments.payloads import EncodedImages, Latents, passes_through
 from deployments.runtime import (
     SerialExecutor,
     Stopwatch,
@@ -47,23 +46,13 @@ class VAEDecoder:
 
     @serve.batch(batch_size_fn=images_in)
     async def _decode_batch(self, items: list[Latents]) -> list:
-        stopped = await self._progress.stopped([it.request_id for it in items])
-        todo = [it for it in items if it.request_id not in stopped]
-        rows = images_in(todo)
-        self._progress.emit([events.stage_started(it.request_id, STAGE, rows) for it in todo])
-        done = iter(await self._executor.run(self._decode_sync, todo) if todo else ())
-        results = [
-            Cancelled(it.request_id, STAGE) if it.request_id in stopped else next(done) for it in items
-        ]
-        self._progress.emit(
-            [
-                events.stage_finished(it.request_id, STAGE, rows, out.trace[-1].seconds)
-                for it, out in zip(items, results)
-                if isinstance(out, EncodedImages)
-            ]
+        return await self._progress.run_batch(
+            items,
+            [it.request_id for it in items],
+            images_in,
+            lambda todo: self._executor.run(self._decode_sync, todo),
+            EncodedImages,
         )
-        await self._progress.flush()
-        return results
 
     def _decode_sync(self, items: list[Latents]) -> list:
         import torch

@@ -8,6 +8,7 @@ The exception classes themselves live in `deployments.errors` (stages raise them
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi.responses import JSONResponse
 
@@ -51,23 +52,32 @@ def classify(exc: BaseException) -> BaseException:
     return chain[-1]
 
 
-def error_response(exc: BaseException, request_id: str) -> JSONResponse:
-    """The HTTP response for any exception; logs server-side failures with the request id."""
+def internal_error_object(request_id: str) -> dict[str, Any]:
+    """What a client is told of a failure on the server side: that it happened, and the id that
+    finds it in the log."""
+    return {
+        "message": f"internal server error (request id {request_id})",
+        "type": "server_error",
+        "param": None,
+        "code": "internal_error",
+        "request_id": request_id,
+    }
+
+
+def error_body(exc: BaseException, request_id: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(status, body, headers) for any exception; logs server-side failures with the request id."""
     exc = classify(exc)
     headers: dict[str, str] = {}  # the Serve proxy itself echoes x-request-id
     if isinstance(exc, ApiError):
         if isinstance(exc, Unavailable):
             headers["Retry-After"] = str(exc.retry_after_s)
             logger.warning("request %s unavailable: %s", request_id, exc.message)
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+        return exc.status, exc.body(), headers
     logger.error("request %s failed", request_id, exc_info=exc)
-    body = {
-        "error": {
-            "message": f"internal server error (request id {request_id})",
-            "type": "server_error",
-            "param": None,
-            "code": "internal_error",
-            "request_id": request_id,
-        }
-    }
-    return JSONResponse(body, status_code=500, headers=headers)
+    return 500, {"error": internal_error_object(request_id)}, headers
+
+
+def error_response(exc: BaseException, request_id: str) -> JSONResponse:
+    """The HTTP response for any exception (see `error_body`)."""
+    status, body, headers = error_body(exc, request_id)
+    return JSONResponse(body, status_code=status, headers=headers)

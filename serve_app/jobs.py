@@ -35,7 +35,7 @@ from deployments.job_store.base import (
 )
 from deployments.payloads import Cancelled, EncodedImages, Rejected
 from serve_app.config import AppConfig
-from serve_app.errors import classify
+from serve_app.errors import classify, internal_error_object
 from serve_app.image_store import LocalImageStore
 from serve_app.pipeline import Pipeline
 from serve_app.planning import Planner
@@ -72,6 +72,7 @@ class Outcome:
 
     status: str  # succeeded | failed | cancelled | retry
     images: Optional[EncodedImages] = None
+    seeds: tuple[int, ...] = ()  # succeeded: the seed of each image, from the plan
     exception: Optional[BaseException] = None  # failed / retry: what the client is told
     cancelled: Optional[Cancelled] = None
 
@@ -98,6 +99,10 @@ class Jobs:
         """A store call, off the event loop."""
         return await asyncio.to_thread(fn, *args, **kwargs)
 
+    async def log(self, job_id: str, kind: str, data: dict) -> None:
+        """Append one event to a job's log."""
+        await self.call(self.store.append_events, [NewEvent(job_id, kind, data)])
+
     # -- accepting ------------------------------------------------------------------------------
     def _record(self, req, kind, owner, request_id, **fields) -> JobRecord:
         accepted = self.planner.accept(req)  # raises the client's 4xx before anything is stored
@@ -110,9 +115,9 @@ class Jobs:
         owner: str,
         request_id: str,
         idempotency_key: Optional[str] = None,
-    ) -> tuple[JobRecord, bool]:
-        """Queue an async job; (record, created). A retried POST with the same idempotency key gets
-        the first job back (created False)."""
+    ) -> tuple[JobRecord, bool, Optional[int]]:
+        """Queue an async job; (record, created, queue position). A retried POST with the same
+        idempotency key gets the first job back (created False)."""
         record = self._record(
             req,
             "job",
@@ -122,13 +127,11 @@ class Jobs:
             request_hash=request_hash(req) if idempotency_key else None,
         )
         record, created = await self.call(self.store.create, record)
+        position = await self.call(self.store.queue_position, record.id)
         if created:
-            position = await self.call(self.store.queue_position, record.id)
-            await self.call(
-                self.store.append_events, [NewEvent(record.id, "queued", {"position": position})]
-            )
+            await self.log(record.id, "queued", {"position": position})
             logger.info("request %s queued job %s", request_id, record.id)
-        return record, created
+        return record, created, position
 
     async def start_attached(
         self, req: ImageGenerationRequest, kind: str, owner: str, request_id: str
@@ -207,7 +210,7 @@ class Jobs:
     async def _attempt(self, record: JobRecord, attempt: int) -> Outcome:
         req = ImageGenerationRequest.model_validate(record.request["body"])
         encode_request, spec = self.planner.plan(req, record.id)
-        await self.call(self.store.append_events, [NewEvent(record.id, "dispatched", {"attempt": attempt})])
+        await self.log(record.id, "dispatched", {"attempt": attempt})
         try:
             out = await self.pipeline.run(encode_request, spec)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an outcome
@@ -224,12 +227,12 @@ class Jobs:
             return Outcome("failed", exception=out.error)
         if isinstance(out, Cancelled):
             return Outcome("cancelled", cancelled=out)
-        return Outcome("succeeded", images=out)
+        return Outcome("succeeded", images=out, seeds=spec.sampling.seeds)
 
     async def _finish(self, record: JobRecord, outcome: Outcome, attempts: int) -> JobRecord:
         result = error = None
         if outcome.status == "succeeded":
-            status, result = SUCCEEDED, await self._keep(record, outcome.images)
+            status, result = SUCCEEDED, await self._keep(record, outcome.images, outcome.seeds)
             event = NewEvent(record.id, "completed", result)
         elif outcome.status == "cancelled":
             stop = outcome.cancelled
@@ -268,21 +271,14 @@ class Jobs:
             }
         if isinstance(exc, ApiError):
             return exc.error_object()
-        request_id = record.request.get("request_id")
-        return {
-            "message": f"internal server error (job {record.id}, request id {request_id})",
-            "type": "server_error",
-            "param": None,
-            "code": "internal_error",
-        }
+        return internal_error_object(record.request.get("request_id", "unknown"))
 
-    async def _keep(self, record: JobRecord, images: EncodedImages) -> dict:
+    async def _keep(self, record: JobRecord, images: EncodedImages, seeds: tuple[int, ...]) -> dict:
         """The result to store. Images are written to the image store for async jobs (fetched
         later) and url responses; a synchronous b64 response carries them itself."""
         body = record.request["body"]
         url = body.get("response_format") == "url"
         keep = record.kind == "job" or url
-        seeds = [(body["seed"] + i) % 2**64 for i in range(len(images.images))]
         names = [None] * len(images.images)
         if keep:
             names = [
@@ -309,9 +305,7 @@ class Jobs:
             self.store.request_cancel, record.id, retention_s=self.settings.retention_s
         )
         if record is not None and record.status == RUNNING:
-            await self.call(
-                self.store.append_events, [NewEvent(record.id, "cancel_requested", {"reason": reason})]
-            )
+            await self.log(record.id, "cancel_requested", {"reason": reason})
         return record
 
     async def get(self, job_id: str, owner: str) -> JobRecord:

@@ -11,19 +11,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from deployments.errors import ApiError, InvalidParameter, NotFound, Unavailable
+from deployments.errors import InvalidParameter, NotFound, RequestCancelled, Unavailable
 from serve_app.context import ApiContext, owner_of, request_id_of, trace_headers
-from serve_app.errors import error_response
+from serve_app.errors import error_body, error_response
 from serve_app.protocol import ModelCard, ModelList, parse_generation_request
 from serve_app.results import images_response
 from serve_app.streams import follow
 
 HEALTH_TIMEOUT_S = 10.0
-
-
-class RequestCancelled(ApiError):
-    status = 409
-    code = "request_cancelled"
 
 
 def add_image_routes(app: FastAPI, ctx: ApiContext) -> None:
@@ -94,7 +89,7 @@ async def _stream(ctx: ApiContext, req, rid: str, owner: str) -> EventSourceResp
             final, images, outcome = await asyncio.shield(task)
             if outcome.status != "succeeded":
                 error = outcome.exception or RequestCancelled(f"request {record.id} was cancelled")
-                yield ServerSentEvent(event="error", data=json.dumps(_error_body(error)))
+                yield ServerSentEvent(event="error", data=json.dumps(error_body(error, rid)[1]))
                 return
             result = await images_response(final.result, ctx.images, str, images.images)
             for index, image in enumerate(result.data):
@@ -144,16 +139,6 @@ def _completed(result, image, index: int) -> dict:
         "index": index,  # extension: which image of the request (n > 1)
         "seed": image.seed,  # extension
     }
-
-
-def _error_body(exc: BaseException) -> dict:
-    """The error a stream ends with: a client error as it is, anything else only its kind."""
-    from serve_app.errors import classify
-
-    exc = classify(exc)
-    if isinstance(exc, ApiError):
-        return exc.body()
-    return {"error": {"message": "internal server error", "type": "server_error", "param": None, "code": "internal_error"}}
 
 
 async def _health(ctx: ApiContext) -> tuple[bool, dict]:

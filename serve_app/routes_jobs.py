@@ -36,7 +36,7 @@ def add_job_routes(app: FastAPI, ctx: ApiContext) -> None:
                 raise InvalidParameter("a job streams through its events_url, not `stream`", "stream")
             key = _idempotency_key(request)
             try:
-                record, created = await jobs.submit(req, owner, rid, key)
+                record, created, position = await jobs.submit(req, owner, rid, key)
             except IdempotencyConflict as exc:
                 raise Conflict(
                     f"Idempotency-Key was first used for job {exc.job_id} with a different body",
@@ -44,7 +44,6 @@ def add_job_routes(app: FastAPI, ctx: ApiContext) -> None:
                 ) from None
             if created:
                 ctx.dispatcher.wake()
-            position = await jobs.call(jobs.store.queue_position, record.id)
             body = job_object(record, base_url(request), position)
         except Exception as exc:  # noqa: BLE001
             return error_response(exc, rid)
@@ -120,11 +119,12 @@ def add_job_routes(app: FastAPI, ctx: ApiContext) -> None:
 
 
 async def _render(ctx: ApiContext, event: JobEvent, image_url) -> dict:
-    data = {"job_id": event.job_id, "seq": event.seq, "created_at": event.created_at, **event.data}
-    if event.type == "completed":
+    data = {"job_id": event.job_id, "seq": event.seq, "created_at": event.created_at}
+    if event.type == "completed":  # the stored result names its images; the client gets them
         result = await images_response(event.data, ctx.images, image_url)
-        data = {"job_id": event.job_id, "seq": event.seq, "created_at": event.created_at,
-                "result": result.model_dump(exclude_none=True)}
+        data["result"] = result.model_dump(exclude_none=True)
+    else:
+        data.update(event.data)
     return data
 
 
