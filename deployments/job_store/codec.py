@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Mapping, Optional, Sequence
 
 from deployments.job_store.base import (
@@ -19,6 +20,8 @@ from deployments.job_store.base import (
     TERMINAL,
     JobEvent,
     JobRecord,
+    PENDING,
+    Admission,
     NewEvent,
     Recovered,
 )
@@ -26,10 +29,29 @@ from deployments.job_store.base import (
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(JobRecord))
 JSON_FIELDS = frozenset({"request", "progress", "result", "error"})
 FLOAT_FIELDS = frozenset(
-    {"created_at", "not_before", "lease_expires", "started_at", "finished_at", "expires_at"}
+    {
+        "created_at",
+        "not_before",
+        "lease_expires",
+        "started_at",
+        "finished_at",
+        "expires_at",
+        "rank",
+        "cost",
+    }
 )
-INT_FIELDS = frozenset({"attempts"})
+INT_FIELDS = frozenset({"attempts", "priority"})
 BOOL_FIELDS = frozenset({"cancel_requested"})
+# Fields that read back as the dataclass default when absent: unset Redis hash fields, and
+# records stored before a field existed (priority and cost came with SQLite schema 2).
+DEFAULTED_FIELDS = frozenset(
+    {"attempts", "not_before", "cancel_requested", "status", "priority", "cost"}
+)
+
+# Pending cost is summed in whole millionths (COST_SCALE per unit of `cost`): integers add and
+# subtract exactly, so a running total never drifts, and every backend (Python, SQL, Lua) rounds
+# a cost the same way: floor(cost * COST_SCALE + 0.5), in doubles.
+COST_SCALE = 1_000_000
 
 # A dispatcher's lease expired: what `recover` writes in a failed record's `error`.
 JOB_LOST_CODE = "job_lost"
@@ -117,7 +139,7 @@ def record_from_mapping(row: Mapping[str, Any]) -> JobRecord:
     values = {}
     for name in FIELDS:
         value = row[name] if name in row.keys() else None
-        if value is None and name in ("attempts", "not_before", "cancel_requested", "status"):
+        if value is None and name in DEFAULTED_FIELDS:
             continue  # the dataclass default
         values[name] = decode_field(name, value)
     return JobRecord(**values)
@@ -138,12 +160,63 @@ def event_from_values(job_id: str, seq: Any, type_: str, data: Any, created_at: 
     )
 
 
+# -- admission and rates --------------------------------------------------------------------------
+def cost_units(cost: Any) -> int:
+    """A cost in whole millionths (see COST_SCALE)."""
+    return int(math.floor(float(cost) * COST_SCALE + 0.5))
+
+
+def units_cost(units: Any) -> float:
+    return int(units) / COST_SCALE
+
+
+def limit_units(limit: Optional[float]) -> Optional[int]:
+    return None if limit is None else cost_units(limit)
+
+
+def refusal(
+    admit: Optional[Admission],
+    record: JobRecord,
+    *,
+    pending: int,
+    pending_units: int,
+    owner_active: int,
+) -> Optional[str]:
+    """Why `admit` refuses `record` given the pending totals before it (None: admitted). The
+    Redis `create` script applies the same rule in Lua; the contract tests hold both to it."""
+    if admit is None or record.status not in PENDING:
+        return None
+    if admit.owner_max_active is not None and owner_active + 1 > admit.owner_max_active:
+        return "owner_active"
+    if admit.max_pending is not None and pending + 1 > admit.max_pending:
+        return "count"
+    budget = limit_units(admit.max_pending_cost)
+    if budget is not None and pending > 0 and pending_units + cost_units(record.cost) > budget:
+        return "cost"  # (with nothing pending, a record is admitted whatever its cost)
+    return None
+
+
+def rate_window(now: float, window_s: float) -> tuple[int, float]:
+    """The fixed window `now` falls in: its number (floor(now / window_s)) and the seconds left
+    until it ends."""
+    if not (math.isfinite(window_s) and window_s > 0):
+        raise ValueError(f"window_s must be a positive number of seconds, not {window_s!r}")
+    index = math.floor(now / window_s)
+    return index, max(0.0, (index + 1) * window_s - now)
+
+
 # -- checks ------------------------------------------------------------------------------------
 def check_new_record(record: JobRecord, events: Sequence[NewEvent]) -> None:
     if record.kind not in KINDS:
         raise ValueError(f"unknown job kind {record.kind!r}; known: {', '.join(KINDS)}")
     if record.status not in STATUSES:
         raise ValueError(f"unknown job status {record.status!r}; known: {', '.join(STATUSES)}")
+    if not (math.isfinite(record.cost) and record.cost >= 0):
+        raise ValueError(f"a job's cost must be a finite number >= 0, not {record.cost!r}")
+    if record.rank is not None and not math.isfinite(record.rank):
+        raise ValueError(f"a job's rank must be a finite number or None, not {record.rank!r}")
+    if isinstance(record.priority, bool) or not isinstance(record.priority, int):
+        raise ValueError(f"a job's priority must be an integer, not {record.priority!r}")
     for event in events:
         check_event_for(record.id, event)
 

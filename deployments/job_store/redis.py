@@ -7,11 +7,16 @@ Keys, all under `{prefix}:`
                         the last event seq
   events:{id}           stream: the job's events, entry ids 0-<seq>
   events                stream: every job's events (job_id, seq, ...), for `tail`; capped
-  queue                 zset: queued `job`-kind ids, score created_at (claim order; ties by id)
+  queue                 zset: queued `job`-kind ids, score queue_rank (rank, else created_at):
+                        claim order, ties by id
   running               zset: running ids, score lease_expires (+inf without one)
   expiring              zset: terminal ids with expires_at, score expires_at
   list:{owner}:{kind}   zset: the owner's ids of that kind, score created_at
   idem:{owner}          hash: idempotency key -> id
+  stats                 hash: running totals: records per status, `cost_u` (the pending cost in
+                        millionths), `_v` (set once they are complete; see redis_scripts.STATS_LIB)
+  active                hash: owner -> that owner's pending (queued or running) records
+  rate:{span}:{n}:{key} string: the hits of `key` in window n of span seconds; expires after it
 
 The scripts build these key names from the prefix, so the store needs one Redis server (or a
 primary with replicas), not a Redis Cluster of shards.
@@ -20,6 +25,7 @@ primary with replicas), not a Redis Cluster of shards.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -31,11 +37,15 @@ from deployments.job_store import redis_scripts as lua
 from deployments.job_store.base import (
     QUEUED,
     RUNNING,
+    STATUSES,
     TERMINAL,
+    Admission,
+    AdmissionRejected,
     IdempotencyConflict,
     JobEvent,
     JobRecord,
     JobStore,
+    Load,
     NewEvent,
     Recovered,
 )
@@ -58,7 +68,7 @@ def _index(record: Optional[JobRecord]) -> dict[str, str]:
     created = codec.encode_float(record.created_at)
     out = {_list_key(record.owner, record.kind): created}
     if record.status == QUEUED and record.kind == "job":
-        out["queue"] = created
+        out["queue"] = codec.encode_float(record.queue_rank)
     elif record.status == RUNNING:
         lease = record.lease_expires
         out["running"] = "+inf" if lease is None else codec.encode_float(lease)
@@ -114,6 +124,8 @@ class RedisJobStore(JobStore):
             "release": lua.RELEASE,
             "append": lua.APPEND,
             "page": lua.PAGE,
+            "stats": lua.STATS,
+            "rate_hit": lua.RATE_HIT,
         }
         self._scripts = {name: self.redis.register_script(src) for name, src in scripts.items()}
 
@@ -168,7 +180,13 @@ class RedisJobStore(JobStore):
         raise RuntimeError(f"job {job_id!r} kept changing while the store tried to update it")
 
     # -- records ------------------------------------------------------------------------------
-    def create(self, record: JobRecord, events: Sequence[NewEvent] = ()) -> tuple[JobRecord, bool]:
+    def create(
+        self,
+        record: JobRecord,
+        events: Sequence[NewEvent] = (),
+        *,
+        admit: Optional[Admission] = None,
+    ) -> tuple[JobRecord, bool]:
         codec.check_new_record(record, events)
         now = self._now()
         record = codec.normalized(
@@ -178,13 +196,26 @@ class RedisJobStore(JobStore):
         for name, text in codec.record_to_text(record).items():
             fields += [name, text]
         idem = None if record.idempotency_key is None else [record.owner, record.idempotency_key]
+        limits = None
+        if admit is not None:
+            limits = {
+                "owner_max_active": admit.owner_max_active,
+                "max_pending": admit.max_pending,
+                "max_units": codec.limit_units(admit.max_pending_cost),
+            }
         payload = {
             "fields": fields,
+            "status": record.status,
+            "owner": record.owner,
+            "units": codec.cost_units(record.cost),
             "idem": idem,
+            "admit": limits,
             "index": _index_ops(None, record),
             "events": _events_payload(events, codec.encode_float(now)),
         }
         reply = self._run("create", record.id, json.dumps(payload))
+        if reply[0] == "rejected":
+            raise AdmissionRejected(reply[1], codec.units_cost(reply[2]), int(reply[3]))
         if reply[0] == "exists":
             existing = self._decode(reply[1])
             if existing.request_hash == record.request_hash:
@@ -245,10 +276,50 @@ class RedisJobStore(JobStore):
         return records[:limit], len(records) > limit
 
     def queue_position(self, job_id: str) -> Optional[int]:
-        # The queue holds exactly the queued `job` records, in claim order, (created_at, id); a
-        # job waiting out a retry backoff (`not_before`) counts where its created_at puts it.
+        # The queue holds exactly the queued `job` records, in claim order, (queue_rank, id); a
+        # job waiting out a retry backoff (`not_before`) counts where its rank puts it.
         rank = self.redis.zrank(self._key("queue"), job_id)
         return None if rank is None else int(rank)
+
+    # -- load -----------------------------------------------------------------------------------
+    def _stats(self) -> dict[str, int]:
+        return {name: int(value) for name, value in _pairs(self._run("stats")).items()}
+
+    def load(self) -> Load:
+        stats = self._stats()
+        return Load(
+            queued=stats.get(QUEUED, 0),
+            running=stats.get(RUNNING, 0),
+            pending_cost=codec.units_cost(stats.get("cost_u", 0)),
+        )
+
+    def counts_by_status(self) -> dict[str, int]:
+        stats = self._stats()
+        return {status: stats[status] for status in STATUSES if stats.get(status, 0) > 0}
+
+    def running_progress(self, limit: int = 10000) -> list[Optional[dict]]:
+        limit = max(0, int(limit))
+        if limit == 0:
+            return []
+        running = self.redis.zrange(self._key("running"), 0, limit - 1)
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in running:
+            pipe.hmget(self._key(f"job:{job_id}"), "status", "progress")
+        return [
+            codec.decode_field("progress", progress)
+            for status, progress in pipe.execute()
+            if status == RUNNING  # (not one that ended since the zrange)
+        ]
+
+    def rate_hit(self, key: str, window_s: float, limit: int) -> tuple[bool, float]:
+        index, left = codec.rate_window(self._now(), window_s)
+        suffix = f"rate:{codec.encode_float(window_s)}:{index}:{key}"
+        # The window is named by its number, from the store's clock; its key only needs to
+        # outlive it (Redis's clock counts the expiry).
+        ttl = max(1, math.ceil(left) + 1)
+        if self._run("rate_hit", suffix, int(limit), ttl):
+            return True, 0.0
+        return False, left
 
     # -- dispatch -----------------------------------------------------------------------------
     def claim(self, worker: str, lease_s: float, limit: int) -> list[JobRecord]:

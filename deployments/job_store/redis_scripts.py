@@ -4,8 +4,58 @@ layout is described in `redis.py`."""
 
 from __future__ import annotations
 
+from deployments.job_store.codec import COST_SCALE
+
 EVENTS_MAXLEN = 100_000  # about how many events the global stream keeps for `tail`
 CLAIM_SCAN = 100  # queue entries a claim reads at a time
+
+# The running totals (`stats`: a count per status, `cost_u` the pending cost in whole millionths;
+# `active`: each owner's pending count), kept by every script that creates, deletes or changes
+# the status of a record: `track(jk, old status or nil, new status or nil)`, called while the
+# record's hash holds its owner and cost. `ensure_stats` rebuilds them from the records when
+# `stats` lacks its `_v` marker (a store written before the totals existed, or flushed): once,
+# by a SCAN of the prefix's job hashes. Scripts that read the totals call it first; a write made
+# before a rebuild is counted by the rebuild.
+STATS_LIB = r"""
+local function is_pending(s) return s == 'queued' or s == 'running' end
+local function cost_units(text)  -- as codec.cost_units: floor(cost * scale + 0.5)
+  if not text then return 0 end
+  return math.floor(tonumber(text) * COST_SCALE + 0.5)
+end
+local function track(jk, old, new)
+  if old == new then return end
+  local st = key('stats')
+  if old then redis.call('HINCRBY', st, old, -1) end
+  if new then redis.call('HINCRBY', st, new, 1) end
+  local was, is = is_pending(old), is_pending(new)
+  if was == is then return end
+  local d = is and 1 or -1
+  local f = redis.call('HMGET', jk, 'owner', 'cost')
+  local units = cost_units(f[2])
+  if units ~= 0 then redis.call('HINCRBY', st, 'cost_u', string.format('%.0f', d * units)) end
+  if redis.call('HINCRBY', key('active'), f[1], d) <= 0 then
+    redis.call('HDEL', key('active'), f[1])
+  end
+end
+local function ensure_stats()
+  local st = key('stats')
+  if redis.call('HEXISTS', st, '_v') == 1 then return end
+  redis.call('DEL', st, key('active'))
+  local pattern = string.gsub(P, '[%*%?%[%]\\]', '\\%0') .. ':job:*'
+  local cursor = '0'
+  repeat
+    local r = redis.call('SCAN', cursor, 'MATCH', pattern, 'COUNT', 1000)
+    cursor = r[1]
+    for _, jk in ipairs(r[2]) do
+      if redis.call('TYPE', jk).ok == 'hash' then
+        local s = redis.call('HGET', jk, 'status')
+        if s then track(jk, nil, s) end
+      end
+    end
+  until cursor == '0'
+  redis.call('HSET', st, '_v', 1)
+end
+""".replace("COST_SCALE", str(COST_SCALE))
 
 # Helpers every script starts with. ARGV[1] is always the prefix.
 LIB = """
@@ -40,10 +90,15 @@ local function guard_holds(jk, guard)
   end
   return true
 end
-""" % EVENTS_MAXLEN
+""" % EVENTS_MAXLEN + STATS_LIB
 
-# ARGV: prefix, id, payload {fields: [f, v, ...], idem: [owner, key] or null, index, events}.
+
+# ARGV: prefix, id, payload {fields: [f, v, ...], status, owner, units (its cost in millionths),
+# idem: [owner, key] or null, admit: {owner_max_active, max_pending, max_units} (each a number or
+# null) or null, index, events}.
 # -> {'created'} | {'exists', <existing record's hash>} | {'duplicate'}
+#    | {'rejected', reason, pending cost in millionths (text), pending count}
+# The admission rule is codec.refusal's, checked against the running totals.
 CREATE = LIB + """
 local id = ARGV[2]
 local p = cjson.decode(ARGV[3])
@@ -55,7 +110,25 @@ if p.idem ~= cjson.null then
   end
 end
 if redis.call('EXISTS', jk) == 1 then return {'duplicate'} end
+local a = p.admit
+if a ~= cjson.null and is_pending(p.status) then
+  ensure_stats()
+  local f = redis.call('HMGET', key('stats'), 'queued', 'running', 'cost_u')
+  local n = (tonumber(f[1]) or 0) + (tonumber(f[2]) or 0)
+  local units = tonumber(f[3]) or 0
+  local reason = nil
+  if a.owner_max_active ~= cjson.null
+      and (tonumber(redis.call('HGET', key('active'), p.owner)) or 0) + 1 > a.owner_max_active then
+    reason = 'owner_active'
+  elseif a.max_pending ~= cjson.null and n + 1 > a.max_pending then
+    reason = 'count'
+  elseif a.max_units ~= cjson.null and n > 0 and units + p.units > a.max_units then
+    reason = 'cost'
+  end
+  if reason then return {'rejected', reason, string.format('%.0f', units), n} end
+end
 redis.call('HSET', jk, unpack(p.fields))
+track(jk, nil, p.status)
 if p.idem ~= cjson.null then
   redis.call('HSET', key('idem:' .. p.idem[1]), p.idem[2], id)
 end
@@ -72,8 +145,10 @@ local id = ARGV[2]
 local p = cjson.decode(ARGV[3])
 local jk = job_key(id)
 if redis.call('EXISTS', jk) == 0 or not guard_holds(jk, p.guard) then return false end
+local old = redis.call('HGET', jk, 'status')
 if #p.set > 0 then redis.call('HSET', jk, unpack(p.set)) end
 if #p.del > 0 then redis.call('HDEL', jk, unpack(p.del)) end
+track(jk, old, redis.call('HGET', jk, 'status'))
 apply_index(p.index)
 for _, e in ipairs(p.events) do append_event(id, e[1], e[2], e[3]) end
 return redis.call('HGETALL', jk)
@@ -86,6 +161,7 @@ local id = ARGV[2]
 local p = cjson.decode(ARGV[3])
 local jk = job_key(id)
 if redis.call('EXISTS', jk) == 0 or not guard_holds(jk, p.guard) then return 0 end
+track(jk, redis.call('HGET', jk, 'status'), nil)
 redis.call('DEL', jk, key('events:' .. id))
 apply_index(p.index)
 if p.idem ~= cjson.null then
@@ -114,6 +190,7 @@ while #out < limit do
       redis.call('HSET', jk, 'status', 'running', 'lease_owner', worker, 'lease_expires', expires)
       redis.call('HINCRBY', jk, 'attempts', 1)
       if not f[4] then redis.call('HSET', jk, 'started_at', ARGV[3]) end
+      track(jk, 'queued', 'running')
       redis.call('ZREM', key('queue'), id)
       redis.call('ZADD', key('running'), expires, id)
       removed = removed + 1
@@ -213,4 +290,21 @@ for i, suffix in ipairs(p.keys) do
   end
 end
 return out
+"""
+
+# ARGV: prefix -> the `stats` hash (rebuilt first if need be; see STATS_LIB).
+STATS = LIB + """
+ensure_stats()
+return redis.call('HGETALL', key('stats'))
+"""
+
+# One hit in a fixed window. ARGV: prefix, key suffix (the window's own key), limit, ttl in
+# seconds -> 1 (counted) or 0 (the window is full; not counted).
+RATE_HIT = LIB + """
+local k, limit = key(ARGV[2]), tonumber(ARGV[3])
+local n = tonumber(redis.call('GET', k)) or 0
+if n >= limit then return 0 end
+redis.call('INCR', k)
+if n == 0 then redis.call('EXPIRE', k, ARGV[4]) end
+return 1
 """

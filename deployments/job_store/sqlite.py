@@ -1,7 +1,10 @@
 """The SQLite job store: one file on one node, shared by every process there (each Ray replica
 opens its own store on it). WAL mode lets readers run beside the one writer; every write is a
 `BEGIN IMMEDIATE` transaction, so writers of all processes take turns and a read-modify-write
-(claim, recover, ...) is atomic across processes."""
+(claim, recover, admission in create, rate_hit, ...) is atomic across processes.
+
+Pending totals are indexed queries over the queued and running rows (`jobs_pending`,
+`jobs_owner`); a file of an older schema is migrated in place when a store opens it."""
 
 from __future__ import annotations
 
@@ -14,25 +17,34 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from deployments.job_store import codec
 from deployments.job_store.base import (
+    PENDING,
     QUEUED,
     RUNNING,
     TERMINAL,
+    Admission,
+    AdmissionRejected,
     IdempotencyConflict,
     JobEvent,
     JobRecord,
     JobStore,
+    Load,
     NewEvent,
     Recovered,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 10_000
 TAIL_POLL_S = 0.025  # how often `tail` looks for new events while it waits
 TAIL_BATCH = 1000  # the most events one `tail` returns
 
 _TERMINAL_SQL = ", ".join(f"'{s}'" for s in sorted(TERMINAL))
+_PENDING_SQL = ", ".join(f"'{s}'" for s in sorted(PENDING))
+# A row's cost in whole millionths, rounded as codec.cost_units rounds it (cost >= 0).
+_COST_UNITS_SQL = f"CAST(cost * {codec.COST_SCALE} + 0.5 AS INTEGER)"
 
-_SCHEMA = """
+# Schema 1, as the first version created it; a new file gets it and then every migration, so a
+# new file and a migrated one are alike.
+SCHEMA_V1 = """
 CREATE TABLE jobs (
     id TEXT PRIMARY KEY,
     kind TEXT NOT NULL,
@@ -71,8 +83,33 @@ CREATE TABLE events (
 );
 """
 
-_COLUMNS = ", ".join(codec.FIELDS)
-_INSERT_JOB = f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' for _ in codec.FIELDS)})"
+# Version -> the statements that bring a file of the version before to it. `queue_rank` is the
+# store's own column (not a record field): JobRecord.queue_rank, fixed at create, the queue's order.
+_MIGRATIONS = {
+    2: """
+ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN rank REAL;
+ALTER TABLE jobs ADD COLUMN cost REAL NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN queue_rank REAL NOT NULL DEFAULT 0;
+UPDATE jobs SET queue_rank = created_at;
+DROP INDEX jobs_queue;
+CREATE INDEX jobs_queue ON jobs (status, kind, queue_rank, id);
+CREATE INDEX jobs_pending ON jobs (status, cost);
+CREATE INDEX jobs_owner ON jobs (owner, status);
+CREATE TABLE rates (
+    key TEXT NOT NULL,
+    span REAL NOT NULL,
+    win INTEGER NOT NULL,
+    hits INTEGER NOT NULL,
+    ends REAL NOT NULL,
+    PRIMARY KEY (key, span, win)
+);
+CREATE INDEX rates_ends ON rates (ends);
+""",
+}
+
+_COLUMNS = ", ".join((*codec.FIELDS, "queue_rank"))
+_INSERT_JOB = f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' for _ in codec.FIELDS)}, ?)"
 _INSERT_EVENT = "INSERT INTO events (job_id, seq, type, data, created_at) VALUES (?, ?, ?, ?, ?)"
 _EVENT_COLUMNS = "job_id, seq, type, data, created_at"
 
@@ -124,16 +161,19 @@ class SqliteJobStore(JobStore):
         conn.execute("PRAGMA foreign_keys = ON")
         with self._write() as conn:  # another process may be creating the schema right now
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif version != SCHEMA_VERSION:
+            if version > SCHEMA_VERSION:
                 raise RuntimeError(
                     f"the job store {self.path} has schema version {version}; this version of "
-                    f"dit-serve reads version {SCHEMA_VERSION}"
+                    f"dit-serve reads versions up to {SCHEMA_VERSION}"
                 )
+            steps = [] if version else [SCHEMA_V1]
+            steps += [_MIGRATIONS[v] for v in range(max(version, 1) + 1, SCHEMA_VERSION + 1)]
+            for script in steps:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            if version != SCHEMA_VERSION:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -200,8 +240,33 @@ class SqliteJobStore(JobStore):
             written.append(codec.event_from_values(event.job_id, seq, event.type, data, now))
         return written
 
+    @staticmethod
+    def _admit(conn: sqlite3.Connection, admit: Admission, record: JobRecord) -> None:
+        """Raise AdmissionRejected if `admit` refuses `record` (inside the create transaction)."""
+        pending, units = conn.execute(
+            f"SELECT COUNT(*), COALESCE(SUM({_COST_UNITS_SQL}), 0) FROM jobs "
+            f"WHERE status IN ({_PENDING_SQL})"
+        ).fetchone()
+        owner_active = 0
+        if admit.owner_max_active is not None:
+            owner_active = conn.execute(
+                f"SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ({_PENDING_SQL})",
+                (record.owner,),
+            ).fetchone()[0]
+        reason = codec.refusal(
+            admit, record, pending=pending, pending_units=units, owner_active=owner_active
+        )
+        if reason is not None:
+            raise AdmissionRejected(reason, codec.units_cost(units), int(pending))
+
     # -- records ------------------------------------------------------------------------------
-    def create(self, record: JobRecord, events: Sequence[NewEvent] = ()) -> tuple[JobRecord, bool]:
+    def create(
+        self,
+        record: JobRecord,
+        events: Sequence[NewEvent] = (),
+        *,
+        admit: Optional[Admission] = None,
+    ) -> tuple[JobRecord, bool]:
         codec.check_new_record(record, events)
         now = self._now()
         record = codec.normalized(
@@ -218,9 +283,14 @@ class SqliteJobStore(JobStore):
                     if existing.request_hash == record.request_hash:
                         return existing, False
                     raise IdempotencyConflict(existing.id)
+            if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (record.id,)).fetchone():
+                raise ValueError(f"job {record.id!r} exists")
+            if admit is not None and record.pending:
+                self._admit(conn, admit, record)
             row = codec.record_to_row(record)
             try:
-                conn.execute(_INSERT_JOB, [row[name] for name in codec.FIELDS])
+                values = [row[name] for name in codec.FIELDS]
+                conn.execute(_INSERT_JOB, [*values, record.queue_rank])
             except sqlite3.IntegrityError as exc:
                 raise ValueError(f"job {record.id!r} exists") from exc
             self._append(conn, events, now)
@@ -264,16 +334,68 @@ class SqliteJobStore(JobStore):
         return [_record(row) for row in rows[:limit]], len(rows) > limit
 
     def queue_position(self, job_id: str) -> Optional[int]:
-        # Counted in claim order, (created_at, id), among queued jobs; it ignores `not_before`
-        # (a job waiting out a retry backoff counts where its created_at puts it).
+        # Counted in claim order, (queue rank, id), among queued jobs; it ignores `not_before`
+        # (a job waiting out a retry backoff counts where its rank puts it).
         with self._lock:
             row = self._conn.execute(
                 "SELECT (SELECT COUNT(*) FROM jobs q WHERE q.status = ? AND q.kind = 'job' "
-                "AND (q.created_at, q.id) < (j.created_at, j.id)) "
+                "AND (q.queue_rank, q.id) < (j.queue_rank, j.id)) "
                 "FROM jobs j WHERE j.id = ? AND j.status = ? AND j.kind = 'job'",
                 (QUEUED, job_id, QUEUED),
             ).fetchone()
         return None if row is None else int(row[0])
+
+    # -- load -----------------------------------------------------------------------------------
+    def load(self) -> Load:
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT status, COUNT(*), COALESCE(SUM({_COST_UNITS_SQL}), 0) FROM jobs "
+                f"WHERE status IN ({_PENDING_SQL}) GROUP BY status"
+            ).fetchall()
+        counts = {row[0]: int(row[1]) for row in rows}
+        units = sum(int(row[2]) for row in rows)
+        return Load(
+            queued=counts.get(QUEUED, 0),
+            running=counts.get(RUNNING, 0),
+            pending_cost=codec.units_cost(units),
+        )
+
+    def counts_by_status(self) -> dict[str, int]:
+        # A scan of a status index (jobs_pending): proportional to the records retained.
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT status, COUNT(*) FROM jobs GROUP BY status"
+            ).fetchall()
+        return {row[0]: int(row[1]) for row in rows}
+
+    def running_progress(self, limit: int = 10000) -> list[Optional[dict]]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT progress FROM jobs WHERE status = ? LIMIT ?", (RUNNING, max(0, int(limit)))
+            ).fetchall()
+        return [codec.decode_field("progress", row[0]) for row in rows]
+
+    def rate_hit(self, key: str, window_s: float, limit: int) -> tuple[bool, float]:
+        index, left = codec.rate_window(self._now(), window_s)
+        window = (key, float(window_s), index)
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT hits FROM rates WHERE key = ? AND span = ? AND win = ?", window
+            ).fetchone()
+            if (0 if row is None else row[0]) >= limit:
+                return False, left
+            if row is None:  # the window's first hit: the key's past windows go
+                conn.execute("DELETE FROM rates WHERE key = ? AND span = ? AND win < ?", window)
+                conn.execute(
+                    "INSERT INTO rates (key, span, win, hits, ends) VALUES (?, ?, ?, 1, ?)",
+                    (*window, (index + 1) * float(window_s)),
+                )
+            else:
+                conn.execute(
+                    "UPDATE rates SET hits = hits + 1 WHERE key = ? AND span = ? AND win = ?",
+                    window,
+                )
+        return True, 0.0
 
     # -- dispatch -----------------------------------------------------------------------------
     def claim(self, worker: str, lease_s: float, limit: int) -> list[JobRecord]:
@@ -284,7 +406,7 @@ class SqliteJobStore(JobStore):
         with self._write() as conn:
             rows = conn.execute(
                 "SELECT * FROM jobs WHERE status = ? AND kind = 'job' AND not_before <= ? "
-                "ORDER BY created_at, id LIMIT ?",
+                "ORDER BY queue_rank, id LIMIT ?",
                 (QUEUED, now, int(limit)),
             ).fetchall()
             for row in rows:
@@ -417,6 +539,7 @@ class SqliteJobStore(JobStore):
             records = [_record(row) for row in rows]
             for record in records:  # their events go with them (ON DELETE CASCADE)
                 conn.execute("DELETE FROM jobs WHERE id = ?", (record.id,))
+            conn.execute("DELETE FROM rates WHERE ends <= ?", (now,))  # past rate windows
         return records
 
     # -- events -------------------------------------------------------------------------------

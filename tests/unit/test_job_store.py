@@ -4,7 +4,9 @@ temporary file and Redis on a throwaway `redis-server`. Time is a fake clock the
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import pickle
 import sqlite3
 import stat
 import threading
@@ -13,17 +15,21 @@ import uuid
 
 import pytest
 
-from deployments.job_store import open_job_store
+from deployments.job_store import codec, open_job_store
 from deployments.job_store.base import (
     CANCELLED,
     FAILED,
     QUEUED,
     RUNNING,
     SUCCEEDED,
+    Admission,
+    AdmissionRejected,
     IdempotencyConflict,
     JobRecord,
+    Load,
     NewEvent,
 )
+from deployments.job_store.sqlite import SCHEMA_V1, SCHEMA_VERSION
 
 T0 = 1_700_000_000.123456  # not a round number: times must come back as the same float
 LEASE = 30.0
@@ -115,6 +121,9 @@ def test_every_field_round_trips(store, clock):
         idempotency_key="key:1",
         request_hash="hash-1",
         started_at=T0 - 5.5,
+        priority=2,
+        rank=T0 - 20.25,
+        cost=3 * 28 * 0.262144,
     )
     stored, created = store.create(full)
     assert created and stored == full.with_changes(created_at=T0)
@@ -150,12 +159,15 @@ def test_every_field_round_trips(store, clock):
                 "request": dict,
                 "created_at": float,
                 "not_before": float,
+                "priority": int,
+                "cost": float,
             }.get(f.name)
             if expected is not None:
                 assert type(value) is expected, (f.name, value)
-            elif f.name in ("lease_expires", "started_at", "finished_at", "expires_at"):
+            elif f.name in ("lease_expires", "started_at", "finished_at", "expires_at", "rank"):
                 assert value is None or type(value) is float, (f.name, value)
     assert got.lease_owner is got.progress is got.result is got.error is got.expires_at is None
+    assert (got.priority, got.rank, got.cost, got.queue_rank) == (0, None, 0.0, T0 + 0.25)
     assert store.get("no-such-job") is None
 
 
@@ -178,6 +190,10 @@ def test_create_with_events_and_checks(store, clock):
         store.create(job("a"))  # the id exists
     with pytest.raises(ValueError):
         store.create(job("c", kind="batch"))
+    for bad in ({"cost": -1.0}, {"cost": float("nan")}, {"rank": float("inf")}, {"priority": 1.5}):
+        with pytest.raises(ValueError):
+            store.create(job("c", **bad))
+    assert store.get("c") is None and store.load() == Load(1, 0, 0.0)
     assert store.events("a") == got
 
 
@@ -660,6 +676,278 @@ def test_queue_position(store, clock):
     assert [store.queue_position(j) for j in ("q1", "q3")] == [0, 1]
 
 
+# -- priorities --------------------------------------------------------------------------------
+BOOST = 10.0  # seconds of queueing one priority level is worth (the caller's setting)
+
+
+def ranked(store, clock, job_id: str, priority: int, **changes) -> JobRecord:
+    """Created as the caller does: rank = now - priority * boost."""
+    rank = clock.now - priority * BOOST
+    return create(store, job_id, priority=priority, rank=rank, **changes)
+
+
+def drain(store) -> list[str]:
+    """Claim one at a time: the claim order."""
+    out = []
+    while batch := store.claim("w-drain", LEASE, 1):
+        out += ids(batch)
+    return out
+
+
+def test_priority_goes_ahead_of_recent_jobs_but_never_starves_old_ones(store, clock):
+    low = ranked(store, clock, "low", 0)
+    assert (low.priority, low.rank, low.queue_rank) == (0, T0, T0) == (0, low.created_at, T0)
+    clock.advance(1)
+    ranked(store, clock, "plain", 0)  # no rank at all: its created_at
+    store.create(job("plain-none"))
+    clock.advance(1)
+    high = ranked(store, clock, "high", 1)  # queued 2 s after `low`: less than BOOST
+    assert store.get("high") == high and high.rank == T0 + 2 - BOOST
+    clock.advance(BOOST)
+    ranked(store, clock, "late-high", 1)  # queued BOOST + 2 s after `low`: behind it
+    ranked(store, clock, "late-urgent", 3)  # 3 levels: ahead of everything queued in 30 s
+    order = ["late-urgent", "high", "low", "plain", "plain-none", "late-high"]
+    assert [store.queue_position(j) for j in order] == list(range(len(order)))
+    assert drain(store) == order
+
+
+def test_queue_position_agrees_with_claim_order_and_requeue_keeps_the_rank(store, clock):
+    for i in range(8):  # mixed priorities, some sharing a rank (ties go by id)
+        ranked(store, clock, f"j{7 - i}", priority=(i * 5) % 3)
+        if i % 2:
+            clock.advance(4)
+    queued = [f"j{i}" for i in range(8)]
+    by_position = sorted(queued, key=store.queue_position)
+    assert sorted(store.queue_position(j) for j in queued) == list(range(8))
+    expected = sorted(queued, key=lambda j: (store.get(j).queue_rank, j))
+    assert by_position == expected
+
+    first, second = by_position[:2]
+    (claimed,) = store.claim("w1", LEASE, 1)
+    assert claimed.id == first and store.queue_position(second) == 0
+    clock.advance(100)  # jobs queued now would rank after every one of these
+    ranked(store, clock, "newcomer", 0)
+    assert store.requeue(first, "w1", delay_s=0)
+    assert store.get(first).rank == claimed.rank and store.queue_position(first) == 0
+    # Recovered (its dispatcher gone) it is back at its place too.
+    store.claim("w1", LEASE, 1)
+    clock.advance(LEASE + 1)
+    assert [(r.job_id, r.status) for r in store.recover(max_attempts=5, retention_s=60)] == [
+        (first, QUEUED)
+    ]
+    assert store.queue_position(first) == 0 and store.queue_position("newcomer") == 8
+    assert drain(store) == by_position + ["newcomer"]
+
+
+# -- admission ---------------------------------------------------------------------------------
+def rejected(store, record: JobRecord, admit: Admission) -> AdmissionRejected:
+    with pytest.raises(AdmissionRejected) as caught:
+        store.create(record, [NewEvent(record.id, "queued")], admit=admit)
+    assert store.get(record.id) is None and store.events(record.id) == []  # nothing written
+    return caught.value
+
+
+def test_admission_by_cost(store, clock):
+    budget = Admission(max_pending_cost=10.0)
+    create(store, "a", cost=4.0)
+    assert store.create(job("b", cost=4.0), admit=budget)[1]
+    refused = rejected(store, job("c", cost=2.5), budget)
+    assert (refused.reason, refused.pending_cost, refused.pending) == ("cost", 8.0, 2)
+    copy = pickle.loads(pickle.dumps(refused))  # it may cross a process boundary
+    assert (copy.reason, copy.pending_cost, copy.pending) == ("cost", 8.0, 2)
+    assert store.create(job("c", cost=2.0), admit=budget)[1]  # exactly the budget: admitted
+    # Costs add exactly (millionths): 0.1 + 0.2 fits a budget of 0.3 on both backends.
+    assert rejected(store, job("d", cost=0.1), budget).pending_cost == 10.0
+    # A record that adds no pending work is never refused: a terminal one, or a replay.
+    done = job("e", status=FAILED, expires_at=T0 + 60, cost=50.0)
+    assert store.create(done, admit=budget)[1]
+    assert store.load() == Load(queued=3, running=0, pending_cost=10.0)
+    assert store.create(job("f", cost=50.0))[1]  # without `admit` nothing is checked
+    assert store.load().pending_cost == 60.0
+
+    for job_id in ("a", "b", "c", "f"):
+        store.request_cancel(job_id, retention_s=60)
+    small = Admission(max_pending_cost=0.3)
+    assert store.create(job("g", cost=0.1), admit=small)[1]
+    assert store.create(job("h", cost=0.2), admit=small)[1]
+    assert rejected(store, job("i", cost=0.000001), small).reason == "cost"
+    assert store.load().pending_cost == pytest.approx(0.3)
+
+
+def test_a_lone_big_request_is_admitted_and_a_replay_is_never_rejected(store, clock):
+    budget = Admission(max_pending_cost=10.0, max_pending=2, owner_max_active=2)
+    first = job("big", cost=500.0, idempotency_key="k", request_hash="h")
+    big, created = store.create(first, admit=budget)
+    assert created and store.load() == Load(1, 0, 500.0)
+    refused = rejected(store, job("small", cost=0.0), budget)  # the budget is spent already
+    assert (refused.reason, refused.pending_cost, refused.pending) == ("cost", 500.0, 1)
+    assert store.create(job("other", owner="bob", kind="sync", status=RUNNING))[1]
+    assert rejected(store, job("more"), budget).reason == "count"
+    # The same key and body: the first record back, whatever the limits say.
+    strict = Admission(max_pending_cost=0.0, max_pending=0, owner_max_active=0)
+    replay = job("big-again", cost=500.0, idempotency_key="k", request_hash="h")
+    assert store.create(replay, admit=strict) == (big, False)
+    with pytest.raises(IdempotencyConflict):  # another body: the conflict, not a refusal
+        store.create(replay.with_changes(request_hash="h2"), admit=strict)
+    assert store.get("big-again") is None and store.load() == Load(1, 1, 500.0)
+
+
+def test_admission_by_count_and_by_owner(store, clock):
+    limits = Admission(max_pending=4, owner_max_active=2)
+    for job_id, owner in (("a1", "alice"), ("a2", "alice"), ("b1", "bob")):
+        assert store.create(job(job_id, owner=owner), admit=limits)[1]
+    refused = rejected(store, job("a3"), limits)
+    assert (refused.reason, refused.pending, refused.pending_cost) == ("owner_active", 3, 0.0)
+    assert store.create(job("b2", owner="bob"), admit=limits)[1]
+    assert rejected(store, job("c1", owner="carol"), limits).reason == "count"
+    assert rejected(store, job("a3"), limits).reason == "owner_active"  # the first limit failed
+    # Running ones count too, of any kind; ending one frees its place.
+    store.claim("w1", LEASE, 1)  # a1
+    stream = job("s1", kind="stream", status=RUNNING)
+    assert rejected(store, stream, limits).reason == "owner_active"
+    store.finish("a1", "w1", SUCCEEDED, retention_s=60, result={})
+    assert store.create(job("a3"), admit=limits)[1]
+    assert rejected(store, job("c1", owner="carol"), limits).reason == "count"
+    store.request_cancel("b1", retention_s=60)
+    assert store.create(job("c1", owner="carol"), admit=limits)[1]
+    assert store.counts_by_status() == {QUEUED: 4, SUCCEEDED: 1, CANCELLED: 1}
+
+
+def test_pending_totals_follow_every_change(store, clock):
+    def totals():
+        return store.load(), store.counts_by_status()
+
+    assert totals() == (Load(0, 0, 0.0), {})
+    create(store, "q", cost=1.5)
+    create(store, "r", cost=2.25)
+    lease = {"lease_owner": "i1", "lease_expires": T0 + LEASE}
+    create(store, "s", kind="sync", status=RUNNING, cost=4.0, **lease)
+    assert totals() == (Load(2, 1, 7.75), {QUEUED: 2, RUNNING: 1})
+
+    store.request_cancel("q", retention_s=60)  # a queued job: cancelled at once
+    assert totals() == (Load(1, 1, 6.25), {QUEUED: 1, RUNNING: 1, CANCELLED: 1})
+    store.claim("w1", LEASE, 1)  # r
+    store.request_cancel("r", retention_s=60)  # running: only flagged
+    store.append_events([NewEvent("r", "step", progress={"step": 1})])
+    store.renew("w1", ["r"], LEASE)
+    assert totals() == (Load(0, 2, 6.25), {RUNNING: 2, CANCELLED: 1})
+
+    store.finish("s", "i1", SUCCEEDED, retention_s=60, result={})
+    assert store.finish("s", "i1", SUCCEEDED, retention_s=60, result={}) is None  # counted once
+    assert totals() == (Load(0, 1, 2.25), {RUNNING: 1, CANCELLED: 1, SUCCEEDED: 1})
+    store.finish("r", "w1", CANCELLED, retention_s=60)
+    assert totals() == (Load(0, 0, 0.0), {CANCELLED: 2, SUCCEEDED: 1})
+
+    # Recovery: back to the queue keeps it pending; failed ends it.
+    create(store, "t", cost=3.0)
+    store.claim("w2", LEASE, 1)
+    assert store.release("w2") == 1 and totals()[0] == Load(0, 1, 3.0)
+    assert [r.status for r in store.recover(max_attempts=2, retention_s=60)] == [QUEUED]
+    assert totals() == (Load(1, 0, 3.0), {QUEUED: 1, CANCELLED: 2, SUCCEEDED: 1})
+    assert store.requeue("t", "w2", delay_s=0) is False
+    store.claim("w3", LEASE, 1)
+    clock.advance(LEASE + 1)
+    assert [r.status for r in store.recover(max_attempts=2, retention_s=60)] == [FAILED]
+    assert store.recover(max_attempts=2, retention_s=60) == []
+    assert totals() == (Load(0, 0, 0.0), {FAILED: 1, CANCELLED: 2, SUCCEEDED: 1})
+    # The owner's places are back: four more fit a limit of four.
+    for i in range(4):
+        store.create(job(f"u{i}"), admit=Admission(owner_max_active=4))
+
+    clock.advance(60)
+    assert sorted(ids(store.sweep())) == ["q", "r", "s", "t"]
+    assert store.sweep() == []
+    assert totals() == (Load(4, 0, 0.0), {QUEUED: 4})
+
+
+def test_running_progress(store, clock):
+    assert store.running_progress() == []
+    for job_id in ("a", "b", "c", "q"):
+        create(store, job_id)
+    store.claim("w1", LEASE, 3)
+    create(store, "s", kind="stream", status=RUNNING, lease_owner="i1", lease_expires=T0 + 60)
+    store.append_events(
+        [
+            NewEvent("a", "stage", progress={"stage": "denoiser", "step": 2}),
+            NewEvent("b", "stage", progress={"stage": "text_encoder"}),
+            NewEvent("s", "stage", progress={"stage": "vae"}),
+            NewEvent("q", "stage", progress={"stage": "queued"}),  # not running: left out
+        ]
+    )
+    key = lambda p: json.dumps(p, sort_keys=True)  # noqa: E731
+    expected = [{"stage": "denoiser", "step": 2}, {"stage": "text_encoder"}, {"stage": "vae"}, None]
+    assert sorted(store.running_progress(), key=key) == sorted(expected, key=key)
+    assert len(store.running_progress(limit=2)) == 2 and store.running_progress(limit=0) == []
+    store.finish("a", "w1", SUCCEEDED, retention_s=60, result={})
+    assert len(store.running_progress()) == 3
+
+
+def test_concurrent_creators_never_overshoot_the_budget(open_store, store):
+    stores = [open_store() for _ in range(20)]
+    barrier = threading.Barrier(len(stores))
+
+    def race(prefix: str, admit: Admission, **fields) -> tuple[list[str], list[str]]:
+        outcome: list = [None] * len(stores)
+
+        def creator(i: int) -> None:
+            barrier.wait()
+            try:
+                stores[i].create(job(f"{prefix}{i:02d}", owner=f"o{i}", **fields), admit=admit)
+                outcome[i] = "admitted"
+            except AdmissionRejected as exc:
+                outcome[i] = exc.reason
+
+        threads = [threading.Thread(target=creator, args=(i,)) for i in range(len(stores))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        return outcome
+
+    outcome = race("c", Admission(max_pending_cost=7.5), cost=1.0)
+    assert sorted(outcome) == ["admitted"] * 7 + ["cost"] * 13
+    assert store.load() == Load(7, 0, 7.0)
+    outcome = race("n", Admission(max_pending=12), cost=0.0)
+    assert sorted(outcome) == ["admitted"] * 5 + ["count"] * 15
+    assert store.load() == Load(12, 0, 7.0)
+
+
+# -- rate limits -------------------------------------------------------------------------------
+def test_rate_hit_counts_in_fixed_windows(store, clock):
+    window = 60.0
+    start = (T0 // window) * window
+    clock.now = start + 10.0
+    assert [store.rate_hit("k", window, 3) for _ in range(3)] == [(True, 0.0)] * 3
+    assert store.rate_hit("k", window, 3) == (False, 50.0)
+    assert store.rate_hit("other", window, 3) == (True, 0.0)  # every key counts on its own
+    assert store.rate_hit("k", 3600.0, 3) == (True, 0.0)  # and every window length
+    clock.advance(49.5)
+    assert store.rate_hit("k", window, 3) == (False, 0.5)  # refused hits were not counted:
+    assert store.rate_hit("k", window, 4) == (True, 0.0)  # a fourth still fits a limit of 4
+    clock.advance(0.5)  # the next window
+    assert [store.rate_hit("k", window, 3)[0] for _ in range(4)] == [True, True, True, False]
+    assert store.rate_hit("none", window, 0) == (False, 60.0)
+    with pytest.raises(ValueError):
+        store.rate_hit("k", 0, 3)
+
+
+def test_rate_hit_is_atomic_across_stores(open_store, clock):
+    stores = [open_store() for _ in range(10)]
+    barrier = threading.Barrier(len(stores))
+    allowed: list = [None] * len(stores)
+
+    def hitter(i: int) -> None:
+        barrier.wait()
+        allowed[i] = stores[i].rate_hit("shared", 60.0, 4)[0]
+
+    threads = [threading.Thread(target=hitter, args=(i,)) for i in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(allowed) == [False] * 6 + [True] * 4
+
+
 # -- backend specifics -------------------------------------------------------------------------
 def test_open_job_store_needs_its_settings():
     with pytest.raises(ValueError):
@@ -679,7 +967,7 @@ def test_sqlite_file_is_private_and_versioned(tmp_path):
     assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     conn.close()
     store.close()
     reopened = open_job_store("sqlite", path=str(path), clock=FakeClock())
@@ -699,11 +987,129 @@ def test_redis_keys_stay_under_the_prefix_and_go_with_sweep(redis_url, clock):
     store.claim("w1", LEASE, 1)
     store.append_events([NewEvent("a", "step", progress={"step": 1})])
     store.finish("a", "w1", SUCCEEDED, retention_s=1, result={}, event=NewEvent("a", "succeeded"))
+    assert store.rate_hit("key:1", 60, 5) == (True, 0.0)
+    rate_keys = client.keys("pfx:rate:*")
+    assert len(rate_keys) == 1 and 0 < client.ttl(rate_keys[0]) <= 62  # goes with its window
+    client.delete(*rate_keys)
     clock.advance(2)
     assert [r.job_id for r in store.recover(max_attempts=3, retention_s=1)] == ["b"]
+    assert store.counts_by_status() == {SUCCEEDED: 1, FAILED: 1}
     assert all(key.startswith("pfx:") for key in client.keys("*"))
     clock.advance(2)
     assert sorted(ids(store.sweep())) == ["a", "b"]
-    assert client.keys("*") == ["pfx:events"]  # only the global log (capped) is left
+    # Only the global log (capped) and the totals (all back to zero) are left.
+    assert sorted(client.keys("*")) == ["pfx:events", "pfx:stats"]
+    assert store.counts_by_status() == {} and store.load() == Load(0, 0, 0.0)
+    store.close()
+    client.close()
+
+
+def _v1_row(record: JobRecord) -> dict:
+    """A record as schema 1 stored it: the fields it had."""
+    row = codec.record_to_row(record)
+    for name in ("priority", "rank", "cost"):
+        del row[name]
+    return row
+
+
+def test_sqlite_reads_a_schema_1_file(tmp_path, clock):
+    path = tmp_path / "jobs.sqlite3"
+    with sqlite3.connect(path) as conn:  # what the first version left behind
+        for statement in SCHEMA_V1.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute("PRAGMA user_version = 1")
+        old = [
+            job("old-q", created_at=T0 - 100),
+            job("old-r", status=RUNNING, created_at=T0 - 90,
+                lease_owner="w0", lease_expires=T0 + 5),
+            job("old-done", status=SUCCEEDED, created_at=T0 - 80, expires_at=T0 + 10, result={}),
+        ]
+        for record in old:
+            row = _v1_row(record)
+            conn.execute(
+                f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
+                list(row.values()),
+            )
+    conn.close()
+    store = open_job_store("sqlite", path=str(path), clock=clock)
+    for record in old:  # the new fields read back as their defaults
+        got = store.get(record.id)
+        assert got == record and (got.priority, got.rank, got.cost) == (0, None, 0.0)
+    assert store.load() == Load(1, 1, 0.0)
+    assert store.counts_by_status() == {QUEUED: 1, RUNNING: 1, SUCCEEDED: 1}
+    assert rejected(store, job("new", cost=1.0), Admission(owner_max_active=2)).pending == 2
+    ranked(store, clock, "urgent", 11)  # 110 s of boost: ahead of the old queued job
+    ranked(store, clock, "new", 0, cost=1.0)
+    assert [store.queue_position(j) for j in ("urgent", "old-q", "new")] == [0, 1, 2]
+    assert drain(store) == ["urgent", "old-q", "new"]
+    assert store.finish("old-r", "w0", SUCCEEDED, retention_s=1, result={})
+    assert store.load() == Load(0, 3, 1.0) and store.rate_hit("k", 1.0, 1)[0]
+    store.close()
+    reopened = open_job_store("sqlite", path=str(path), clock=clock)  # migrated once
+    assert reopened.get("new").cost == 1.0 and reopened.counts_by_status()[SUCCEEDED] == 2
+    reopened.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+
+
+def test_sqlite_deletes_past_rate_windows(tmp_path, clock):
+    path = tmp_path / "jobs.sqlite3"
+    store = open_job_store("sqlite", path=str(path), clock=clock)
+
+    def windows():
+        with sqlite3.connect(path) as conn:
+            rows = conn.execute("SELECT key, span, win FROM rates ORDER BY key, span").fetchall()
+        conn.close()
+        return rows
+
+    store.rate_hit("a", 10.0, 5)
+    store.rate_hit("a", 60.0, 5)
+    store.rate_hit("b", 10.0, 5)
+    now = clock.advance(10)
+    assert len(windows()) == 3
+    store.rate_hit("a", 10.0, 5)  # a's next window: its past one goes at once
+    assert windows() == [
+        ("a", 10.0, int(now // 10)),
+        ("a", 60.0, int(T0 // 60)),
+        ("b", 10.0, int(T0 // 10)),
+    ]
+    assert store.sweep() == []  # b's window has ended: swept
+    assert [row[0] for row in windows()] == ["a", "a"]
+    store.close()
+
+
+def test_redis_reads_records_and_rebuilds_totals_written_before_them(redis_url, clock):
+    import redis
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    prefix = f"old-{uuid.uuid4().hex}"
+    old = [
+        job("old-q", created_at=T0 - 100),
+        job("old-r", status=RUNNING, created_at=T0 - 90, lease_owner="w0", lease_expires=T0 + 5),
+        job("old-done", status=SUCCEEDED, created_at=T0 - 80, expires_at=T0 + 10, result={}),
+    ]
+    for record in old:  # as the version before wrote them: no new fields, no totals
+        fields = codec.record_to_text(record)
+        for name in ("priority", "cost"):
+            del fields[name]
+        client.hset(f"{prefix}:job:{record.id}", mapping=fields)
+    client.zadd(f"{prefix}:queue", {"old-q": T0 - 100})
+    client.zadd(f"{prefix}:running", {"old-r": T0 + 5})
+    client.zadd(f"{prefix}:expiring", {"old-done": T0 + 10})
+    store = open_job_store("redis", url=redis_url, prefix=prefix, clock=clock)
+    for record in old:
+        got = store.get(record.id)
+        assert got == record and (got.priority, got.rank, got.cost) == (0, None, 0.0)
+    create(store, "new", cost=2.0)  # a write before anything read the totals
+    assert store.load() == Load(2, 1, 2.0)
+    assert store.counts_by_status() == {QUEUED: 2, RUNNING: 1, SUCCEEDED: 1}
+    assert rejected(store, job("more"), Admission(owner_max_active=3)).reason == "owner_active"
+    assert store.finish("old-r", "w0", FAILED, retention_s=1, error={})
+    assert store.load() == Load(2, 0, 2.0)
+    client.delete(f"{prefix}:stats")  # lost (a flush): rebuilt, not added to
+    assert store.load() == Load(2, 0, 2.0)
+    assert store.counts_by_status() == {QUEUED: 2, SUCCEEDED: 1, FAILED: 1}
     store.close()
     client.close()
