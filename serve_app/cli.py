@@ -4,8 +4,10 @@
       Write a tiny diffusers-format checkpoint (random weights, local tokenizers). Without --out it
       goes where `builtin:tiny-<family>` resolves, so a later `serve run` starts without building.
   dit-serve validate-config configs/local.yaml
-      Check every application's `args` against the typed config, and its `deployments:`
-      overrides against what the app needs, without starting anything.
+      Check a Serve config file without starting anything: Serve's keys, each application's
+      import_path, `args` (the typed config), model.path and `deployments:` block. Prints
+      `<app>: ok` per application (stdout) or one line per problem (stderr). Exit status: 0 ok,
+      1 problems found, 2 the file cannot be read (missing, a folder).
 """
 
 from __future__ import annotations
@@ -31,24 +33,18 @@ def _make_tiny_model(ns: argparse.Namespace) -> int:
 
 
 def _validate_config(ns: argparse.Namespace) -> int:
-    import yaml
-    from pydantic import ValidationError
+    from serve_app.config_check import UnreadableFile, check_config_file
 
-    from serve_app.app import check_overrides
-    from serve_app.config import AppConfig
-
-    document = yaml.safe_load(Path(ns.config).read_text())
-    status = 0
-    for app in document.get("applications", []):
-        try:
-            config = AppConfig.model_validate(app.get("args") or {})
-            overrides = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments") or []}
-            check_overrides(config, overrides)
-            print(f"{app.get('name')}: ok")
-        except (ValidationError, ValueError) as exc:
-            print(f"{app.get('name')}: invalid\n{exc}", file=sys.stderr)
-            status = 1
-    return status
+    try:
+        report = check_config_file(Path(ns.config))
+    except UnreadableFile as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for line in report.ok:
+        print(line)
+    for line in report.problems:
+        print(line, file=sys.stderr)
+    return 1 if report.problems else 0
 
 
 def builtin_families() -> list[str]:
@@ -65,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--out", default=None, help="folder to create (default: the builtin cache)")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_make_tiny_model)
-    check = sub.add_parser("validate-config", help="check a Serve config file's args")
+    check = sub.add_parser("validate-config", help="check a Serve config file offline")
     check.add_argument("config")
     check.set_defaults(func=_validate_config)
     ns = parser.parse_args(argv)
