@@ -53,3 +53,16 @@ def redis_url(tmp_path_factory):
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """The URL of a real S3-compatible server (moto's) on 127.0.0.1 for this session. Tests set
+    `tests.s3_server.TEST_CREDENTIALS` in the environment before making clients."""
+    from tests.s3_server import S3Server
+
+    server = S3Server().start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
