@@ -8,6 +8,10 @@ batch at once (their callers get `Cancelled`, their rows stop costing compute); 
 as if the stopped ones had never been there. Each step is reported per request (`step` events),
 with previews of image 0 where a request asked for them.
 
+A step that fails on every rank alike (out of memory, a bad input) leaves the group in step: the
+loop lets the steps already sent end, clears the batch on every rank and raises; an out of memory
+is then run again in smaller batches by `deployments.denoise_split`.
+
 A later step-level scheduler replaces this loop behind the same contract: requests in, a stop
 check by request id at every step boundary, step events out, latents or `Cancelled` per request.
 """
@@ -15,6 +19,7 @@ check by request id at every step boundary, step events out, latents or `Cancell
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
@@ -24,6 +29,7 @@ from deployments.families.base import DenoiseInputs
 from deployments.payloads import Cancelled, GenerationSpec, PromptEmbeddings
 from deployments.progress import StageProgress
 from deployments.sampling import SamplingParams
+from deployments.sp_group import WorkerGroupBroken
 
 STAGE = "denoiser"
 
@@ -32,6 +38,9 @@ STAGE = "denoiser"
 class DenoiseItem:
     spec: GenerationSpec
     embeddings: PromptEmbeddings
+    # False for the later parts of a request split across batches (out of memory, see
+    # `deployments.denoise_split`): only its first part reports the request's steps.
+    reports: bool = True
 
 
 def stack_inputs(items: Sequence[DenoiseItem]) -> DenoiseInputs:
@@ -83,12 +92,17 @@ async def run_group(group, items: Sequence[DenoiseItem], progress: StageProgress
     k, reads the stop flags and sends step k+2 with the rows to keep. The ranks never wait on a
     round trip between steps, and a request stopped at any moment has at most two more steps
     computed (the one running and the one queued)."""
+    started, began = time.time(), time.perf_counter()
     ids = [it.spec.request_id for it in items]
     stopped = await progress.stopped(ids)
     results: list = [Cancelled(i, STAGE, 0) if i in stopped else None for i in ids]
     active = [k for k, i in enumerate(ids) if i not in stopped]  # items on the ranks, row order
     if not active:
         return results
+    for k in active:
+        if items[k].reports:  # a request's queue wait, once
+            progress.metrics.waited(items[k].embeddings.ready_at, started)
+    rows_at_start = sum(items[k].spec.n for k in active)
     steps = items[active[0]].spec.sampling.num_inference_steps
     previews = {k: preview_steps(steps, items[k].spec.partial_images) for k in active}
     group.begin(stack_inputs([items[k] for k in active]))
@@ -134,20 +148,43 @@ async def run_group(group, items: Sequence[DenoiseItem], progress: StageProgress
                 next_step = steps + 1  # every request stopped: let the steps in flight end
             sent = in_flight.popleft()
             report = await sent.call
-            progress.emit([events.step_done(ids[k], sent.number, steps, report.seconds) for k in sent.members])
+            progress.metrics.step(sum(items[k].spec.n for k in sent.members), report.seconds)
+            progress.emit(
+                [
+                    events.step_done(ids[k], sent.number, steps, report.seconds)
+                    for k in sent.members
+                    if items[k].reports
+                ]
+            )
             progress.emit(
                 [
                     events.preview(ids[k], sent.number, index, png, width, height)
                     for (k, index), (png, width, height) in zip(sent.previews, report.previews)
                 ]
             )
-    finally:
-        for sent in in_flight:  # a failure: the group is broken; nothing to wait for
-            sent.call.cancel()
+    except Exception as exc:
+        if isinstance(exc, WorkerGroupBroken):  # nothing to wait for
+            _cancel(in_flight)
+            raise
+        # The batch failed on every rank alike (out of memory, a bad input): the group is in step.
+        # Let the steps already sent end (they fail fast: the ranks dropped the batch), then clear
+        # it on every rank, so the next batch starts clean.
+        await asyncio.gather(*(sent.call for sent in in_flight), return_exceptions=True)
+        await group.abort()
+        raise
+    except BaseException:  # cancelled: the caller went away
+        _cancel(in_flight)
+        raise
     if not active:
         await group.abort()
         return results
     latents = await group.finish()
+    progress.metrics.batch(rows_at_start, time.perf_counter() - began)
     for k, start in zip(active, row_offsets([items[k] for k in active])):
         results[k] = latents[start : start + items[k].spec.n].clone()
     return results
+
+
+def _cancel(in_flight) -> None:
+    for sent in in_flight:
+        sent.call.cancel()

@@ -4,14 +4,18 @@ of worker actors (one per GPU; a sequence-parallel group when there are several)
 A batch is split by batch key (size, steps, guidance); each group runs through `run_group`, which
 stops cancelled requests between steps (see `deployments.denoise_loop`). Every image gets its own
 `torch.Generator` from its seed and every batch its own scheduler, so an image depends only on its
-own request. Failures are per request: a broken worker group gives a retryable 503, anything else a
-500 that carries the request id.
+own request. Failures are per request: a broken worker group gives a retryable 503, a batch out of
+device memory runs again in halves and only an image that does not fit alone fails its request with
+a 400 naming `size` (`deployments.denoise_split`; never a breakage), anything else a 500 that
+carries the request id. At start the replica checks that the largest batch the config admits fits
+its memory budget (`deployments.memory_budget`).
 
-A broken group (a worker died, hung past a ping or call timeout, or failed on some ranks only) is
-never reused: the replica kills its workers and then itself, so Serve's next health check (every
-`health_check_period_s`) sees a dead actor and starts a new replica with a new group at once,
-instead of waiting for three failed checks. Worker deaths are noticed the moment they happen, even
-when idle, through each worker's `watch` call.
+A broken group (a worker died, hung past a ping or call timeout, or ranks that disagree: some
+failed and some did not, or they failed differently) is never reused: the replica kills its
+workers and then itself, so Serve's next health check (every `health_check_period_s`) sees a dead
+actor and starts a new replica with a new group at once, instead of waiting for three failed
+checks. Worker deaths are noticed the moment they happen, even when idle, through each worker's
+`watch` call.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from ray import serve
 
 from deployments import events
 from deployments.batching import denoise_key, group_by, images_in
-from deployments.denoise_loop import STAGE, DenoiseItem, run_group
+from deployments.denoise_loop import STAGE, DenoiseItem
+from deployments.denoise_split import run_splitting
 from deployments.errors import StageFailure, Unavailable
-from deployments.payloads import Cancelled, GenerationSpec, Latents, PromptEmbeddings, passes_through
+from deployments.memory_budget import replica_error
+from deployments.payloads import Cancelled, GenerationSpec, Latents, PromptEmbeddings, Rejected, passes_through
 from deployments.runtime import Stopwatch, configure_batching, logger, raise_if_error
 from deployments.sp_group import WorkerGroup, WorkerGroupBroken, bundle_resources
 from deployments.stage import batching_options, open_progress
@@ -88,6 +94,10 @@ class Denoiser:
         self._progress = open_progress(config, STAGE)
         self._group = WorkerGroup(config)
         self._workers = self._group.start(STARTUP_TIMEOUT_S)
+        memory_error = replica_error(config, self._workers)
+        if memory_error:
+            self._group.shutdown()
+            raise ValueError(memory_error)
         self._group.warm_up(config.warmup_shapes, WARMUP_STEPS, dn.worker_call_timeout_s)
         self._watcher = None
         self._retiring = False
@@ -98,7 +108,8 @@ class Denoiser:
         if passes_through(embeddings):
             return embeddings
         try:
-            return raise_if_error(await self._denoise_batch(DenoiseItem(spec, embeddings)))
+            with self._progress.metrics.in_stage():  # the queue depth gauge
+                return raise_if_error(await self._denoise_batch(DenoiseItem(spec, embeddings)))
         except asyncio.CancelledError:
             # Serve cancelled this call (its caller went away): stop the row at the next step.
             self._progress.stop_locally(spec.request_id)
@@ -145,7 +156,7 @@ class Denoiser:
         self._progress.emit([events.stage_started(i, STAGE, rows) for i in ids])
         watch = Stopwatch(STAGE)
         try:
-            outcomes = await run_group(self._group, group, self._progress)
+            outcomes = await run_splitting(self._group, group, self._progress)
         except WorkerGroupBroken as exc:
             logger.error("denoiser worker group broken (%s); requests %s", exc, ids)
             self._retire(str(exc))
@@ -158,17 +169,18 @@ class Denoiser:
         trace = watch.trace(rows)
         results = []
         for it, outcome in zip(group, outcomes):
-            if isinstance(outcome, Cancelled):  # the dispatcher logs where it stopped
+            if isinstance(outcome, (Cancelled, Rejected)):  # passed on; the dispatcher logs them
                 results.append(outcome)
                 continue
             self._progress.emit([events.stage_finished(it.spec.request_id, STAGE, rows, trace.seconds)])
             results.append(Latents(spec=it.spec, latents=outcome, trace=it.embeddings.trace + (trace,)))
         logger.info(
-            "denoiser batch=%d images requests=%s key=%s cancelled=%d %.3fs",
+            "denoiser batch=%d images requests=%s key=%s cancelled=%d rejected=%d %.3fs",
             rows,
             ids,
             denoise_key(group[0].spec),
             sum(isinstance(o, Cancelled) for o in outcomes),
+            sum(isinstance(o, Rejected) for o in outcomes),
             trace.seconds,
         )
         return results

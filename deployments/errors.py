@@ -84,3 +84,39 @@ class StageFailure(Exception):
 
     def __str__(self) -> str:
         return f"stage {self.stage} failed for request {self.request_id}"
+
+
+class TooManyRequests(ApiError):
+    """Over capacity or over a per-key limit: retry after `retry_after_s` (429 + Retry-After)."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "overloaded"
+
+    def __init__(self, message: str, param: str | None = None, retry_after_s: float = 1.0):
+        super().__init__(message, param)
+        self.args = (message, param, retry_after_s)
+        self.retry_after_s = max(1, int(-(-retry_after_s // 1)))
+
+
+class RateLimited(TooManyRequests):
+    code = "rate_limit_exceeded"
+
+
+class DeadlineExceeded(ApiError):
+    """The request's deadline (`deadline_s`, or the app's default) passed before it finished."""
+
+    status = 504
+    type = "server_error"
+    code = "deadline_exceeded"
+
+
+class InsufficientMemory(ApiError):
+    """Even one image of the request does not fit in the device memory of the stage that runs it
+    (the stage already split its batch down to single images). A 400, not a 5xx: like a size over
+    `limits.max_size`, it is a property of the request against this deployment, the same request
+    fails every time, and the client fixes it by asking for less (a smaller `size`); a 5xx would
+    invite retries (Serve's, the client's, this app's job retries) that can never succeed and would
+    page an operator for a client's choice."""
+
+    code = "insufficient_memory"

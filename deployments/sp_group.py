@@ -6,9 +6,11 @@ its own device (`CUDA_VISIBLE_DEVICES`). With more than one rank the workers for
 group (NCCL on GPU, gloo on CPU) and run xfuser's sequence parallelism; every call goes to every rank
 in the same order and rank 0's result is returned. One rank (SP=1) is the same code path.
 
-A group that loses a worker, hangs, or fails on some ranks is broken for good (its collectives may
-be out of step): it refuses new calls, its actors are killed, and its replica exits so Serve
-replaces both (see `Denoiser`).
+A group that loses a worker, hangs, or whose ranks disagree (some fail, some do not, or they fail
+differently) is broken for good (its collectives may be out of step): it refuses new calls, its
+actors are killed, and its replica exits so Serve replaces both (see `Denoiser`). A call that fails
+the same way on every rank (`agreed_error`: the same exception type and message, or an out of
+memory on every rank) is the request's failure, not the group's: the ranks are still in step.
 """
 
 from __future__ import annotations
@@ -23,11 +25,67 @@ import ray
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from deployments.oom import forward_freeing, inject_oom
 from deployments.runtime import configure_torch, load_spec, stage_device
+
+# Once a rank has failed a call, how long the others get to fail it the same way (or succeed)
+# before the group counts as out of step. Ranks fail an identical call at the same point, so they
+# end within moments of each other; one still running past this waits in a collective for the rank
+# that failed.
+AGREEMENT_GRACE_S = 10.0
 
 
 class WorkerGroupBroken(RuntimeError):
     """The group lost or hung a worker, or its ranks fell out of step; replace the replica."""
+
+
+class RanksDisagree(Exception):
+    """The ranks of one call did not all fail the same way: the group is out of step."""
+
+
+def _failure_signature(exc: BaseException) -> Optional[tuple]:
+    """What identifies a rank's failure for the agreement rule; None for a worker that died or an
+    error outside the call (the group is broken whatever the others did)."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    from deployments.oom import is_oom
+
+    if isinstance(exc, RayActorError) or not isinstance(exc, RayTaskError):
+        return None
+    if is_oom(exc):
+        # A real CUDA OOM message carries per-process figures (free bytes, PIDs): every rank out of
+        # memory at the same call is the same failure.
+        return ("out of memory",)
+    cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+    return (type(cause).__module__, type(cause).__qualname__, str(cause))
+
+
+def agreed_error(outcomes: Sequence[Any]) -> Optional[BaseException]:
+    """Every rank's outcome of one call (its result, or the exception it raised) -> None when every
+    rank succeeded; rank 0's exception when every rank failed the same way (same exception type and
+    message, or out of memory on every rank): a failure of the call's requests, the ranks still in
+    step. Raises `RanksDisagree` otherwise: some ranks ok and some failed, different errors, a dead
+    worker."""
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    if not failed:
+        return None
+    signatures = [_failure_signature(o) for o in failed]
+    first = failed[0]
+    if any(s is None for s in signatures):
+        dead = next(o for o, s in zip(failed, signatures) if s is None)
+        raise RanksDisagree(f"a worker died: {type(dead).__name__}")
+    if len(failed) < len(outcomes):
+        raise RanksDisagree(
+            f"{len(failed)} of {len(outcomes)} ranks failed ({_cause_name(first)}), the others did not"
+        )
+    if len(set(signatures)) > 1:
+        raise RanksDisagree(f"ranks failed differently: {sorted({_cause_name(o) for o in failed})}")
+    return first
+
+
+def _cause_name(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None)
+    return type(cause if isinstance(cause, BaseException) else exc).__name__
 
 
 @dataclass(frozen=True)
@@ -44,6 +102,7 @@ class DenoiseWorker:
         self._config = config
         self._denoising = None
         self._run = None  # the batch being denoised
+        self._size = (0, 0)  # its (height, width)
         self._forever = threading.Event()
 
     def rendezvous(self) -> str:
@@ -74,17 +133,45 @@ class DenoiseWorker:
                 model_path=spec.path,
             )
         self._denoising = load_family(self._config.model.family).Denoising(spec, parallel)
-        return {"rank": self.rank, "device": device, "pid": os.getpid()}
+        return {"rank": self.rank, "device": device, "pid": os.getpid(), "memory": self._memory(device)}
+
+    def _memory(self, device: str) -> dict:
+        """What the replica's memory budget check needs: the device's total memory (None on CPU),
+        the transformer's weights in bytes, and its architecture (config)."""
+        import torch
+
+        transformer = self._denoising.transformer
+        total = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else None
+        return {
+            "device_total_bytes": total,
+            "weights_bytes": sum(p.numel() * p.element_size() for p in transformer.parameters()),
+            "transformer_config": dict(transformer.config),
+        }
 
     # The per-step contract (see `deployments.denoise_loop`): every rank gets the same calls with
     # the same arguments in the same order, so their collectives stay in step.
     @ray.method(concurrency_group="compute")
     def step(self, keep, preview_rows, inputs=None) -> StepReport:
         """One denoising step; the batch's first step brings its inputs (so that every call a rank
-        can hang in holds a collective its peers time out on)."""
+        can hang in holds a collective its peers time out on). Out of memory (or the injected
+        fault, `deployments.oom`), the batch is dropped and the memory freed before it raises: the
+        steps sent after it fail at once, and the replica runs the rows again in smaller batches."""
+        if inputs is not None:
+            self._run = None  # the last batch's tensors go before this one's come
+            self._size = (inputs.sampling.height, inputs.sampling.width)
+        elif self._run is None:
+            raise RuntimeError("no batch in progress on this rank (an earlier step of it failed)")
+        return forward_freeing(self._step, keep, preview_rows, inputs, on_oom=self._drop_run)
+
+    def _drop_run(self) -> None:
+        self._run = None
+
+    def _step(self, keep, preview_rows, inputs) -> StepReport:
         import time
 
         started = time.perf_counter()
+        rows = len(keep) if keep is not None else inputs.sampling.n if inputs is not None else self._run.rows
+        inject_oom("denoiser step", rows, *self._size)
         if inputs is not None:
             self._run = self._denoising.prepare(inputs)
         self._denoising.step(self._run, keep)
@@ -172,17 +259,40 @@ class WorkerGroup:
         return WorkerGroupBroken(self.broken)
 
     async def _all(self, refs, timeout_s: float, what: str) -> list:
-        """Every rank's result, or the group is broken (a dead, hung or failed rank)."""
+        """Every rank's result. A call that failed the same way on every rank raises rank 0's
+        error (the ranks are in step: the caller's requests failed); a dead or hung worker, or
+        ranks that disagree, break the group (see `agreed_error`)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        tasks = [asyncio.ensure_future(_result(ref)) for ref in refs]
         try:
-            return await asyncio.wait_for(asyncio.gather(*refs), timeout_s)
-        except asyncio.TimeoutError:
-            raise self._break(f"a worker {what} took longer than {timeout_s}s") from None
-        except ray.exceptions.RayActorError as exc:
-            raise self._break(f"a worker died: {type(exc).__name__}") from None
-        except ray.exceptions.RayTaskError as exc:
-            if self.world_size > 1:  # the other ranks may wait in a collective: out of step
-                raise self._break(f"rank failed: {type(exc.cause).__name__}") from exc
-            raise
+            done, pending = await asyncio.wait(tasks, timeout=timeout_s, return_when=asyncio.FIRST_EXCEPTION)
+            errors = [t.exception() for t in done if t.exception() is not None]
+            failed = bool(errors)
+            dead = next((e for e in errors if _failure_signature(e) is None), None)
+            if dead is not None:  # no agreement can save a group that lost a worker
+                raise self._break(f"a worker died: {type(dead).__name__}")
+            if pending and failed:  # the others get a moment to fail the same way
+                grace = min(AGREEMENT_GRACE_S, max(0.0, deadline - loop.time()))
+                _, pending = await asyncio.wait(pending, timeout=grace)
+            if pending:
+                if not failed:
+                    raise self._break(f"a worker {what} took longer than {timeout_s}s")
+                raise self._break(f"a rank failed {what} while another still ran: out of step")
+            outcomes = [t.exception() or t.result() for t in tasks]
+            try:
+                error = agreed_error(outcomes)
+            except RanksDisagree as exc:
+                raise self._break(f"{what}: {exc}") from None
+            if error is not None:
+                raise error
+            return outcomes
+        finally:
+            for t in tasks:
+                if not t.done():
+                    t.cancel()
+                elif not t.cancelled():
+                    t.exception()  # retrieved: no "never retrieved" warning for a settled rank
 
     async def _each(self, what: str, *args) -> list:
         """Call `what` on every rank with the same arguments, in order; every rank's result."""
@@ -239,3 +349,7 @@ class WorkerGroup:
     def shutdown(self) -> None:
         for worker in self._workers:
             ray.kill(worker, no_restart=True)
+
+
+async def _result(ref):
+    return await ref

@@ -1,4 +1,10 @@
-"""VAEDecoder deployment: latents -> encoded images (png/jpeg/webp bytes), batched by image size."""
+"""VAEDecoder deployment: latents -> encoded images (png/jpeg/webp bytes), batched by image size.
+
+Failures stay with their request: a decode that runs out of device memory runs again in halves
+(an image that does not fit alone fails its request with a 400 naming `size`), and a batch that
+raises anything else is run again item by item, so only the item that fails alone gets a
+`Rejected` (its client error, or an internal error carrying its request id; the log has the rest).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,11 @@ from typing import Any
 
 from ray import serve
 
-from deployments.batching import decode_key, group_by, images_in, row_slices
+from deployments.batching import decode_key, group_by, images_in, isolate_failures, rejected_alone, row_slices
 from deployments.image_codec import encode_image
-from deployments.payloads import EncodedImages, Latents, passes_through
+from deployments.memory_budget import decode_warning
+from deployments.oom import forward_freeing, inject_oom, insufficient_memory, run_halving
+from deployments.payloads import EncodedImages, Latents, Rejected, passes_through
 from deployments.runtime import (
     SerialExecutor,
     Stopwatch,
@@ -31,6 +39,9 @@ def deployment_options(config) -> dict[str, Any]:
 class VAEDecoder:
     def __init__(self, config):
         self._decoding, self._device = load_role(config, config.vae_decoder, "Decoding")
+        warning = decode_warning(config, self._decoding, self._device)
+        if warning:
+            logger.warning("%s", warning)
         self._executor = SerialExecutor("vae-decoder")
         self._progress = open_progress(config, STAGE)
         configure_batching(self._decode_batch, config.vae_decoder.batching)
@@ -39,7 +50,8 @@ class VAEDecoder:
         """Encoded images, or the `Rejected`/`Cancelled` value that reached this stage instead."""
         if passes_through(latents):
             return latents
-        return raise_if_error(await self._decode_batch(latents))
+        with self._progress.metrics.in_stage():  # the queue depth gauge
+            return raise_if_error(await self._decode_batch(latents))
 
     async def ready(self) -> dict:
         return {"stage": STAGE, "device": self._device, "pid": os.getpid()}
@@ -50,24 +62,45 @@ class VAEDecoder:
             items,
             [it.request_id for it in items],
             images_in,
-            lambda todo: self._executor.run(self._decode_sync, todo),
+            lambda todo: self._executor.run(self._decode_isolated, todo),
             EncodedImages,
         )
+
+    def _decode_isolated(self, items: list[Latents]) -> list:
+        return isolate_failures(
+            items, self._decode_sync, lambda item, exc: rejected_alone(STAGE, item.request_id, exc)
+        )
+
+    def _decode_rows(self, latents, height: int, width: int) -> list:
+        inject_oom("VAE decode", latents.shape[0], height, width)
+        return self._decoding.decode(latents, height, width)
 
     def _decode_sync(self, items: list[Latents]) -> list:
         import torch
 
         watch = Stopwatch("vae_decoder")
-        images: list[list] = [[] for _ in items]
+        images: list = [[] for _ in items]
         for members in group_by(items, lambda item: decode_key(item.spec)):
             height, width = items[members[0]].spec.sampling.size_key
             latents = torch.cat([items[i].latents for i in members])
-            decoded = self._decoding.decode(latents, height, width)
+            decoded = run_halving(
+                lambda rows: forward_freeing(
+                    self._decode_rows, latents[rows[0] : rows[-1] + 1], height, width
+                ),
+                range(latents.shape[0]),
+                f"vae_decoder {width}x{height}",
+            )
             for i, rows in zip(members, row_slices([items[i].spec.n for i in members])):
                 images[i] = decoded[rows]
+                if any(p is None for p in images[i]):  # an image did not fit alone
+                    error = insufficient_memory("VAE decoder", width, height)
+                    images[i] = Rejected(items[i].request_id, error)
         trace = watch.trace(images_in(items))
         results = []
         for item, pictures in zip(items, images):
+            if isinstance(pictures, Rejected):
+                results.append(pictures)
+                continue
             spec = item.spec
             results.append(
                 EncodedImages(

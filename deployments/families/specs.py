@@ -18,6 +18,9 @@ class FamilySpec:
     module: str
     # `module:function` writing a tiny random-weight checkpoint of the family (`builtin:tiny-<name>`).
     tiny_builder: Optional[str] = None
+    # Import path of the family's torch-free device memory model (`read_configs`, `denoise_bytes`,
+    # `decode_bytes`; see `deployments.families.flux_memory`), used by the memory budget checks.
+    memory_model: Optional[str] = None
 
     @property
     def builtin_model(self) -> Optional[str]:
@@ -30,6 +33,7 @@ _SPECS = (
         size_multiple=16,
         module="deployments.families.flux",
         tiny_builder="deployments.tiny.flux:build_tiny_flux",
+        memory_model="deployments.families.flux_memory",
     ),
 )
 
@@ -48,6 +52,12 @@ def family_spec(name: str) -> FamilySpec:
 def load_family(name: str):
     """The family module (`deployments.families.<name>`), imported on first use."""
     return importlib.import_module(family_spec(name).module)
+
+
+def memory_model(name: str):
+    """The family's memory model module, or None when it has none (budgets are then unchecked)."""
+    spec = family_spec(name)
+    return importlib.import_module(spec.memory_model) if spec.memory_model else None
 
 
 def builtin_models() -> dict[str, FamilySpec]:
