@@ -7,6 +7,7 @@ Every payload belongs to exactly one request. Tensors in a payload are that requ
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
@@ -44,6 +45,10 @@ class GenerationSpec:
 class EncodeRequest:
     request_id: str
     prompt: str
+    # When the payload became ready for the stage that takes it (wall clock, stamped as it is
+    # made: the stage before made it then; the ingress restamps an encode request as it sends it).
+    # That stage's queue wait runs from here to the start of its batch (deployments/metrics.py).
+    ready_at: float = field(default_factory=time.time)
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,7 @@ class PromptEmbeddings:
     pooled_prompt_embeds: Optional["torch.Tensor"] = None  # (1, dim)
     input_ids: tuple["torch.Tensor", ...] = ()  # per tokenizer, (seq,) as fed to its encoder
     trace: tuple[StageTrace, ...] = field(default=())
+    ready_at: float = field(default_factory=time.time)  # see EncodeRequest
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,7 @@ class Latents:
     spec: GenerationSpec
     latents: "torch.Tensor"
     trace: tuple[StageTrace, ...] = field(default=())
+    ready_at: float = field(default_factory=time.time)  # see EncodeRequest
 
     @property
     def request_id(self) -> str:

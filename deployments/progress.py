@@ -4,24 +4,30 @@ Events are written by one task per replica, in the order they were emitted, off 
 (a step never waits for a write); `flush` waits until everything emitted so far is written, and a
 stage flushes before it returns a result, so a request's log is always in causal order across
 stages. Store failures are logged and never fail a request: progress is a report, not the work.
+
+It also holds the replica's `StageMetrics` (`metrics`): `run_batch` records each batch's size,
+time and queue waits; the denoiser's loop records its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Sequence
+import time
+from typing import Optional, Sequence
 
 from deployments import events
 from deployments.job_store.base import JobStore, NewEvent
+from deployments.metrics import StageMetrics
 from deployments.payloads import Cancelled
 
 logger = logging.getLogger("ray.serve")
 
 
 class StageProgress:
-    def __init__(self, store: JobStore, stage: str):
+    def __init__(self, store: JobStore, stage: str, metrics: Optional[StageMetrics] = None):
         self.stage = stage
+        self.metrics = metrics or StageMetrics(stage)
         self._store = store
         self._pending: list[NewEvent] = []
         self._emitted = 0
@@ -51,12 +57,16 @@ class StageProgress:
     async def run_batch(self, items: Sequence, ids: Sequence[str], rows_of, work, done_type) -> list:
         """One batch of a stage that reports only its start and end (text encoder, VAE): stopped
         requests are answered `Cancelled` without work; the others get `stage` started/finished
-        events around `work(todo)` (one result per item), written before the results return."""
+        events around `work(todo)` (one result per item), written before the results return.
+        Items carry `ready_at` (when each became ready for this stage: its queue wait's start)."""
+        started = time.time()
         stopped = await self.stopped(ids)
         todo = [item for item, i in zip(items, ids) if i not in stopped]
         rows = rows_of(todo)
         self.emit([events.stage_started(i, self.stage, rows) for i in ids if i not in stopped])
-        done = iter(await work(todo) if todo else ())
+        for item in todo:
+            self.metrics.waited(item.ready_at, started)
+        done = iter(await self._timed(work, todo, rows) if todo else ())
         results = [Cancelled(i, self.stage) if i in stopped else next(done) for i in ids]
         self.emit(
             [
@@ -66,6 +76,12 @@ class StageProgress:
             ]
         )
         await self.flush()
+        return results
+
+    async def _timed(self, work, todo: Sequence, rows: int) -> list:
+        began = time.perf_counter()
+        results = await work(todo)
+        self.metrics.batch(rows, time.perf_counter() - began)
         return results
 
     # -- events ---------------------------------------------------------------------------------

@@ -39,12 +39,12 @@ def wait_healthy(url: str, timeout_s: float, proc: subprocess.Popen | None = Non
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"server exited early with {proc.returncode}")
         try:
-            if requests.get(f"{url}/health", timeout=5).status_code == 200:
+            if requests.get(f"{url}/ready", timeout=5).status_code == 200:
                 return
         except requests.RequestException:
             pass
         time.sleep(1)
-    raise AssertionError(f"{url}/health not 200 within {timeout_s}s")
+    raise AssertionError(f"{url}/ready not 200 within {timeout_s}s")
 
 
 def port_is_free(port: int) -> bool:

@@ -51,6 +51,8 @@ def ray_cluster(private_cache, tiny_flux_path):
         num_cpus=16,
         include_dashboard=False,
         object_store_memory=512 * 1024**2,
+        # Metrics reach the exporter every second instead of every 10 (test_observability).
+        _system_config={"metrics_report_interval_ms": 1000},
     )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
