@@ -61,7 +61,7 @@ def test_healthy_and_serving_after_bad_input(base_url):
     for _, body, _, _ in CASES:
         if isinstance(body, dict):
             generate(base_url, body)
-    health = requests.get(f"{base_url}/health", timeout=60)
+    health = requests.get(f"{base_url}/ready", timeout=60)
     assert health.status_code == 200
     assert health.json()["stages"] == {"text_encoder": "ok", "denoiser": "ok", "vae_decoder": "ok"}
     ok = generate(base_url, {"prompt": "still working", "size": "64x64"})

@@ -65,6 +65,108 @@ def test_oversized_body():
 
 
 @pytest.mark.parametrize(
+    "raw, deep",
+    [
+        (b"[" * 5000 + b"]" * 5000, True),
+        (b"{" * 100_000, True),  # unbalanced: refused before the parser recurses
+        (b'{"a":' * 33 + b"1" + b"}" * 33, True),
+        (b'{"a":' * 32 + b"1" + b"}" * 32, False),
+        (b'{"prompt": "' + b"[" * 5000 + b'"}', False),  # brackets inside a string do not count
+        (b'{"prompt": "a \\\" [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}', False),  # nor after an escaped quote
+        ('{"prompt": "é' + "[" * 40 + '"}', False),
+    ],
+)
+def test_nesting_deeper_than_32_levels_is_a_400_naming_the_body(raw, deep):
+    from serve_app.protocol import json_too_deep
+
+    raw = raw.encode() if isinstance(raw, str) else raw
+    assert json_too_deep(raw) is deep
+    if deep:
+        with pytest.raises(InvalidJson) as info:
+            parse_generation_request(raw)
+        assert info.value.status == 400 and "request body" in info.value.message
+        assert "32 levels" in info.value.message
+
+
+def test_a_deep_body_the_byte_scan_misreads_is_still_a_400():
+    """UTF-16 JSON (json.loads accepts it) can fool the byte scan: U+2200 is the byte pair 00 22,
+    which the scan reads as a quote, so it takes the brackets for the inside of a string. The
+    parser's own recursion limit is then the backstop: still a 400, never a RecursionError."""
+    from serve_app.protocol import json_too_deep
+
+    raw = ('["\u2200", ' + "[" * 100_000 + "]" * 100_000 + ', "\u2200"]').encode("utf-16-le")
+    assert not json_too_deep(raw)
+    with pytest.raises(InvalidJson) as info:
+        parse_generation_request(raw)
+    assert info.value.status == 400 and "32 levels" in info.value.message
+
+
+@pytest.mark.parametrize("content_type", [None, "", "application/json", "Application/JSON; charset=utf-8", "application/vnd.api+json"])
+def test_json_content_types_are_read(content_type):
+    assert parse_generation_request(b'{"prompt": "a cat"}', content_type).prompt == "a cat"
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=b"])
+def test_other_content_types_are_a_415_naming_the_header(content_type):
+    from serve_app.errors import UnsupportedMediaType
+
+    with pytest.raises(UnsupportedMediaType) as info:
+        parse_generation_request(b'{"prompt": "a cat"}', content_type)
+    assert info.value.status == 415 and info.value.param == "Content-Type"
+
+
+OPTIONAL_FIELDS = [
+    "model", "n", "size", "response_format", "output_format", "output_compression", "quality", "style",
+    "user", "background", "moderation", "seed", "num_inference_steps", "guidance_scale", "stream",
+    "partial_images",
+]
+
+
+def test_null_means_the_default_for_every_optional_field(service):
+    from serve_app.jobs import request_hash
+    from serve_app.protocol import ImageGenerationRequest
+
+    optional = {n for n, f in ImageGenerationRequest.model_fields.items() if not f.is_required()}
+    assert set(OPTIONAL_FIELDS) <= optional
+    body = {name: None for name in optional}
+    req = parse_generation_request(json.dumps({"prompt": "a cat", **body}).encode())
+    default = parse_generation_request(b'{"prompt": "a cat"}')
+    assert req == default and request_hash(req) == request_hash(default)
+    assert (req.n, req.response_format) == (1, "b64_json")
+    encode, spec = service.plan(req, "rid")
+    assert spec.sampling.num_inference_steps == 4 and len(spec.sampling.seeds) == 1
+
+
+def test_null_is_still_refused_where_a_value_is_required():
+    with pytest.raises(InvalidParameter) as info:
+        parse_generation_request(b'{"prompt": null}')
+    assert info.value.param == "prompt"
+    with pytest.raises(InvalidParameter) as info:
+        parse_generation_request(b'{"prompt": "x", "negative_prompt": null}')
+    assert info.value.param == "negative_prompt"
+
+
+def test_size_auto_is_the_configured_default(service):
+    _, spec = plan(service, size="auto")
+    assert (spec.sampling.width, spec.sampling.height) == (256, 256)
+    config = AppConfig.model_validate({"defaults": {"size": "128x64"}})
+    _, spec = Planner(config).plan(parse_generation_request(b'{"prompt": "x", "size": "auto"}'), "r")
+    assert (spec.sampling.width, spec.sampling.height) == (128, 64)
+
+
+def test_gpt_image_fields_are_accepted_where_their_meaning_holds():
+    for body in ({"background": "auto"}, {"background": "opaque"}, {"moderation": "auto"}, {"moderation": "low"}):
+        assert parse_generation_request(json.dumps({"prompt": "x", **body}).encode())
+    with pytest.raises(InvalidParameter) as info:
+        parse_generation_request(b'{"prompt": "x", "background": "transparent"}')
+    assert info.value.param == "background" and "opaque" in info.value.message
+    for field, value in (("background", "clear"), ("moderation", "strict")):
+        with pytest.raises(InvalidParameter) as info:
+            parse_generation_request(json.dumps({"prompt": "x", field: value}).encode())
+        assert info.value.param == field
+
+
+@pytest.mark.parametrize(
     "body, param, error",
     [
         ({"size": "1024"}, "size", InvalidParameter),
