@@ -27,7 +27,11 @@ def build_graph(
     check_overrides(config, extra)
 
     def bound(module, deployment, *args):
-        options = {**module.deployment_options(config), **extra.get(deployment.name, {})}
+        options = {
+            **module.deployment_options(config),
+            **stage_queue_options(config, deployment.name),
+            **extra.get(deployment.name, {}),
+        }
         return deployment.options(**options).bind(*args)
 
     return bound(
@@ -41,6 +45,17 @@ def build_graph(
 
 
 STAGE_NAMES = {"TextEncoder": "text_encoder", "Denoiser": "denoiser", "VAEDecoder": "vae_decoder"}
+
+
+def stage_queue_options(config: AppConfig, deployment: str) -> dict[str, Any]:
+    """A bounded queue in front of every stage (Serve's max_queued_requests; a full one raises
+    BackPressureError in the caller, answered 429). Admission keeps at most `max_pending` requests
+    in the app, each calling a stage once per attempt, so the default bound is never reached in
+    normal operation: it is the safety net under admission, not the rule."""
+    if deployment not in STAGE_NAMES:
+        return {}
+    admission = config.admission
+    return {"max_queued_requests": admission.stage_max_queued_requests or 2 * admission.max_pending}
 # The Denoiser's placement group is derived from the SP degree and worker resources in the args.
 DENOISER_FIXED = ("placement_group_bundles", "placement_group_strategy")
 

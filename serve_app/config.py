@@ -14,6 +14,7 @@ from typing import Annotated, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.families.specs import builtin_models, family_names, family_spec
+from deployments.memory_budget import config_error as denoiser_memory_error
 
 SIZE_RE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 
@@ -137,6 +138,18 @@ class DenoiserConfig(StageConfig):
             " (batch, size) compiles once: list the batches your load forms."
         ),
     )
+    memory_budget_gb: Optional[float] = Field(
+        None,
+        gt=0.0,
+        le=100_000.0,
+        description=(
+            "Device memory (GiB) one denoiser worker may use. The largest batch the config admits"
+            " (batching.max_batch_size images of limits.max_size squared) must fit it, by the"
+            " family's memory estimate (deployments/memory_budget.py): checked here and by each"
+            " replica at start. None: on a GPU the device's total memory x worker_num_gpus,"
+            " on CPU unchecked."
+        ),
+    )
 
     @property
     def world_size(self) -> int:
@@ -169,18 +182,71 @@ class DefaultsConfig(_Strict):
     output_format: Literal["png", "jpeg", "webp"] = "png"
 
 
+class S3ImageStoreConfig(_Strict):
+    """An S3-compatible bucket for result images. Credentials come from the standard AWS chain
+    (AWS_* environment variables, shared credential files, instance or pod roles), never from
+    here."""
+
+    bucket: Optional[str] = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",
+        description="Bucket name (3-63 lowercase letters, digits, dots, hyphens). Required.",
+    )
+    prefix: Optional[str] = Field(
+        None,
+        max_length=512,
+        pattern=r"^([A-Za-z0-9!_.*'()-]+/)*$",
+        description="Key prefix, empty or ending in `/`; default: dit-serve/<model name>/.",
+    )
+    endpoint_url: Optional[str] = Field(
+        None,
+        pattern=r"^https?://[^\s/]+(/\S*)?$",
+        description="For MinIO, Ceph RGW and other S3-compatible servers; default: AWS S3.",
+    )
+    region: Optional[str] = Field(
+        None,
+        pattern=r"^[a-z0-9-]{1,64}$",
+        description="Region; default: from the AWS environment (AWS_REGION, ~/.aws/config).",
+    )
+    create_bucket: bool = Field(False, description="Create the bucket at start if it is missing.")
+    addressing_style: Optional[Literal["auto", "path", "virtual"]] = Field(
+        None, description="Default: `path` with an endpoint_url (MinIO, Ceph), else `auto`."
+    )
+
+
 class ImageStoreConfig(_Strict):
+    backend: Literal["local", "s3"] = Field(
+        "local",
+        description=(
+            "`local`: a folder of this node (or a shared file system), the default. `s3`: an"
+            " S3-compatible bucket every node reaches, for clusters."
+        ),
+    )
     directory: Optional[str] = Field(
         None,
         description=(
-            "Where result images are written (url-format images, async jobs' results), private"
-            " to this user; default: `images/` in the data folder ($DIT_SERVE_DATA, else"
-            " ~/.local/share/dit-serve)."
+            "backend local: where result images are written (url-format images, async jobs'"
+            " results), private to this user (absolute path); default: `images/` in the data"
+            " folder ($DIT_SERVE_DATA, else ~/.local/share/dit-serve)."
         ),
     )
     public_base_url: Optional[str] = Field(
         None, description="Base of returned image URLs; default: the base URL the client used."
     )
+    s3: Optional[S3ImageStoreConfig] = Field(None, description="backend s3: the bucket.")
+
+    @model_validator(mode="after")
+    def _backend_has_its_settings(self) -> "ImageStoreConfig":
+        if self.directory is not None and not self.directory.startswith("/"):
+            raise ValueError("image_store.directory must be absolute (replicas do not share a cwd)")
+        if self.backend == "s3":
+            if self.s3 is None or not self.s3.bucket:
+                raise ValueError("image_store.s3.bucket is required with backend s3")
+            if self.directory is not None:
+                raise ValueError("image_store.directory is for backend local, not s3")
+        elif self.s3 is not None:
+            raise ValueError("image_store.s3 is set but the backend is local; set backend: s3")
+        return self
 
 
 class JobStoreConfig(_Strict):
@@ -250,6 +316,135 @@ class JobsConfig(_Strict):
     )
 
 
+class AdmissionConfig(_Strict):
+    """What the service accepts before it says 429 (see docs/admission.md). A request's cost is
+    images x steps x megapixels (n x num_inference_steps x width x height / 1e6)."""
+
+    max_pending_cost: float = Field(
+        400.0,
+        gt=0.0,
+        description=(
+            "Budget of accepted, unfinished work (queued and running, every request kind) in"
+            " cost units; past it a new request gets 429 + Retry-After. A request bigger than"
+            " the whole budget still runs when nothing else is pending."
+        ),
+    )
+    max_pending: int = Field(
+        256, ge=1, le=100_000, description="Most accepted, unfinished requests, whatever their cost."
+    )
+    throughput_hint: float = Field(
+        1.0,
+        gt=0.0,
+        description=(
+            "Cost units the app finishes per second, for Retry-After before any request has"
+            " finished (then measured from the last minute of finished requests)."
+        ),
+    )
+    max_retry_after_s: int = Field(120, ge=1, le=3600, description="Cap on the Retry-After given.")
+    default_deadline_s: Optional[float] = Field(
+        600.0,
+        gt=0.0,
+        description=(
+            "A request not finished this long after it was accepted ends with 504"
+            " deadline_exceeded and frees its place; a request may ask for less or more"
+            " (`deadline_s`, up to max_deadline_s). null: no default deadline."
+        ),
+    )
+    max_deadline_s: float = Field(86400.0, gt=0.0, description="Largest `deadline_s` accepted.")
+    priority_boost_s: float = Field(
+        30.0,
+        ge=0.0,
+        le=86400.0,
+        description=(
+            "Each priority level moves a queued job ahead of jobs queued up to this many seconds"
+            " before it; older jobs still go first, so low priorities never starve."
+        ),
+    )
+    requests_per_minute: Optional[int] = Field(
+        None, ge=1, description="Per API key (or for everyone without keys): generation requests a minute."
+    )
+    max_active_per_key: Optional[int] = Field(
+        None, ge=1, description="Per API key: accepted, unfinished requests at once."
+    )
+    stage_max_queued_requests: Optional[int] = Field(
+        None,
+        ge=1,
+        description=(
+            "Serve's max_queued_requests for each stage deployment (default: 2 x max_pending,"
+            " which admission never reaches): a safety net, not the admission rule."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _deadlines(self) -> "AdmissionConfig":
+        if self.default_deadline_s is not None and self.default_deadline_s > self.max_deadline_s:
+            raise ValueError("admission.default_deadline_s exceeds admission.max_deadline_s")
+        return self
+
+
+KEY_NAME_RE = r"^[A-Za-z0-9._-]{1,64}$"
+
+
+class ApiKeyConfig(_Strict):
+    name: str = Field(..., pattern=KEY_NAME_RE, description="The tenant this key acts for.")
+    sha256: str = Field(
+        ..., pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key, lowercase hex (never the key)."
+    )
+    requests_per_minute: Optional[int] = Field(None, ge=1, description="Overrides admission's.")
+    max_active: Optional[int] = Field(None, ge=1, description="Overrides admission.max_active_per_key.")
+
+
+class AuthConfig(_Strict):
+    """API keys (`Authorization: Bearer <key>`). Off unless keys are given here, in `keys_env` or in
+    `keys_file`; then every route but /health, /ready and the API docs needs a valid key, and each
+    key sees only its own jobs, events and images."""
+
+    keys: tuple[ApiKeyConfig, ...] = Field((), max_length=10_000)
+    keys_env: Optional[str] = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Environment variable of the replicas holding `name:sha256` entries (comma or newline separated).",
+    )
+    keys_file: Optional[str] = Field(
+        None, description="Absolute path of a file of `name:sha256` lines (# comments allowed)."
+    )
+
+    @field_validator("keys_file")
+    @classmethod
+    def _absolute(cls, path: Optional[str]) -> Optional[str]:
+        if path is not None and not path.startswith("/"):
+            raise ValueError("auth.keys_file must be absolute (replicas do not share a cwd)")
+        return path
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys or self.keys_env or self.keys_file)
+
+
+class CorsConfig(_Strict):
+    allow_origins: list[Annotated[str, Field(pattern=r"^(\*|https?://[^/\s]+)$")]] = Field(
+        [],
+        max_length=1000,
+        description=(
+            "Browser origins (`https://app.example.com`, or `*`) allowed to call the API (CORS);"
+            " empty (the default): CORS off, no CORS headers on any response."
+        ),
+    )
+
+
+class HttpConfig(_Strict):
+    allowed_hosts: list[Annotated[str, Field(pattern=r"^(\*|(\*\.)?[^*/\s]+)$")]] = Field(
+        ["*"],
+        min_length=1,
+        max_length=1000,
+        description=(
+            "Host header values served (`api.example.com`, `*.example.com`; `*`: any, the"
+            " default); others get a 400. Set it when image URLs are built from the Host a"
+            " client sent (no image_store.public_base_url)."
+        ),
+    )
+
+
 class AppConfig(_Strict):
     model: ModelConfig = ModelConfig()
     text_encoder: StageConfig = StageConfig()
@@ -259,6 +454,10 @@ class AppConfig(_Strict):
     defaults: DefaultsConfig = DefaultsConfig()
     image_store: ImageStoreConfig = ImageStoreConfig()
     jobs: JobsConfig = JobsConfig()
+    admission: AdmissionConfig = AdmissionConfig()
+    auth: AuthConfig = AuthConfig()
+    cors: CorsConfig = CorsConfig()
+    http: HttpConfig = HttpConfig()
 
     @property
     def size_multiple(self) -> int:
@@ -317,4 +516,7 @@ class AppConfig(_Strict):
             raise ValueError("defaults.num_inference_steps exceeds limits.max_steps")
         if self.defaults.guidance_scale > lim.max_guidance_scale:
             raise ValueError("defaults.guidance_scale exceeds limits.max_guidance_scale")
+        memory_error = denoiser_memory_error(self)
+        if memory_error:
+            raise ValueError(memory_error)
         return self

@@ -12,8 +12,9 @@ from deployments.payloads import StageTrace
 from serve_app.config import AppConfig
 from serve_app.dispatcher import Dispatcher
 from serve_app.event_hub import EventHub
-from serve_app.image_store import LocalImageStore
-from serve_app.jobs import ANONYMOUS, Jobs
+from serve_app.image_store import ImageStore
+from serve_app.auth import ANONYMOUS, KeyRing, Tenant
+from serve_app.jobs import Jobs
 from serve_app.pipeline import Pipeline
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -25,8 +26,9 @@ class ApiContext:
     pipeline: Pipeline
     jobs: Jobs
     hub: EventHub
-    images: LocalImageStore
+    images: ImageStore
     dispatcher: Dispatcher
+    keys: KeyRing
     created: int
     _background: set = field(default_factory=set)
 
@@ -52,9 +54,15 @@ def request_id_of(request: Request) -> str:
     return request.headers.get(REQUEST_ID_HEADER, "")[:128] or "unknown"
 
 
+def tenant_of(request: Request) -> Tenant:
+    """The tenant a request acts for: its API key's (AuthMiddleware put it there), or the one
+    tenant of an app without keys."""
+    return getattr(request.state, "tenant", None) or Tenant(ANONYMOUS)
+
+
 def owner_of(request: Request) -> str:
-    """The tenant a request acts for (one, until API keys exist)."""
-    return ANONYMOUS
+    """The name of the tenant a request acts for: what its jobs and images are stored under."""
+    return tenant_of(request).name
 
 
 def base_url(request: Request) -> str:

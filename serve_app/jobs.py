@@ -19,24 +19,36 @@ import logging
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
-from deployments.errors import ApiError, InvalidParameter, NotFound, Unavailable
+from deployments.errors import (
+    ApiError,
+    DeadlineExceeded,
+    InvalidParameter,
+    NotFound,
+    TooManyRequests,
+    Unavailable,
+)
 from deployments.events import cancelled as cancelled_event
 from deployments.job_store.base import (
     CANCELLED,
     FAILED,
+    QUEUED,
     RUNNING,
     SUCCEEDED,
+    AdmissionRejected,
     JobRecord,
     JobStore,
     NewEvent,
 )
 from deployments.payloads import Cancelled, EncodedImages, Rejected
+from serve_app.admission import AdmissionControl, request_cost
+from serve_app.auth import Tenant
 from serve_app.config import AppConfig
 from serve_app.errors import classify, internal_error_object
-from serve_app.image_store import LocalImageStore
+from serve_app.image_store import ImageStore
+from serve_app.metrics import ApiMetrics
 from serve_app.pipeline import Pipeline
 from serve_app.planning import Planner
 from serve_app.protocol import ImageGenerationRequest
@@ -44,7 +56,8 @@ from serve_app.protocol import ImageGenerationRequest
 logger = logging.getLogger("dit_serve")
 
 JOB_ID_RE = re.compile(r"^job_[0-9a-f]{24}$")
-ANONYMOUS = "anonymous"
+IMAGE_SWEEP_INTERVAL_S = 300.0  # a scan of the image store for expired images
+IMAGE_GRACE_S = 5.0
 
 
 def new_job_id() -> str:
@@ -83,17 +96,23 @@ class Jobs:
         config: AppConfig,
         store: JobStore,
         pipeline: Pipeline,
-        images: LocalImageStore,
+        images: ImageStore,
         worker: str,
+        metrics: Optional[ApiMetrics] = None,
     ):
         self.config = config
+        self.metrics = metrics if metrics is not None else ApiMetrics()
         self.settings = config.jobs
         self.store = store
         self.pipeline = pipeline
         self.images = images
         self.worker = worker
         self.planner = Planner(config)
+        self.admission = AdmissionControl(config)
         self.running: dict[str, asyncio.Task] = {}  # job id -> the task running it here
+        self._expired: set[str] = set()  # jobs this ingress stopped at their deadline
+        self._background: set[asyncio.Task] = set()
+        self._next_image_sweep = 0.0
 
     async def call(self, fn, *args, **kwargs):
         """A store call, off the event loop."""
@@ -104,29 +123,60 @@ class Jobs:
         await self.call(self.store.append_events, [NewEvent(job_id, kind, data)])
 
     # -- accepting ------------------------------------------------------------------------------
-    def _record(self, req, kind, owner, request_id, **fields) -> JobRecord:
+    def _record(self, req, kind, tenant: Tenant, request_id, **fields) -> JobRecord:
         accepted = self.planner.accept(req)  # raises the client's 4xx before anything is stored
+        _, spec = self.planner.plan(accepted, "check")
+        deadline_s = self.admission.deadline_s(req.deadline_s)
         stored = {"body": accepted.model_dump(exclude_none=True), "request_id": request_id}
-        return JobRecord(id=new_job_id(), kind=kind, owner=owner, request=stored, **fields)
+        if deadline_s is not None:
+            stored["deadline_at"] = time.time() + deadline_s
+            stored["deadline_s"] = deadline_s
+        return JobRecord(
+            id=new_job_id(),
+            kind=kind,
+            owner=tenant.name,
+            request=stored,
+            priority=req.priority or 0,
+            cost=request_cost(spec.sampling),
+            **fields,
+        )
+
+    async def _create(self, record: JobRecord, tenant: Tenant) -> tuple[JobRecord, bool]:
+        """Store a new record if admission lets it in (per-key rate, then the store's atomic
+        budget check); a 429 naming the limit if not."""
+        rate = self.admission.rate_limit(tenant)
+        if rate is not None:
+            allowed, retry_after = await self.call(self.store.rate_hit, f"rpm:{tenant.name}", 60.0, rate)
+            if not allowed:
+                self.metrics.rejected("rate")
+                raise self.admission.rate_refused(tenant, retry_after)
+        try:
+            return await self.call(self.store.create, record, admit=self.admission.limits(tenant))
+        except AdmissionRejected as rejected:
+            logger.info("request %s refused (%s)", record.request.get("request_id"), rejected.reason)
+            self.metrics.rejected(rejected.reason)
+            raise self.admission.refused(rejected, record.cost, tenant) from None
 
     async def submit(
         self,
         req: ImageGenerationRequest,
-        owner: str,
+        tenant: Tenant,
         request_id: str,
         idempotency_key: Optional[str] = None,
     ) -> tuple[JobRecord, bool, Optional[int]]:
         """Queue an async job; (record, created, queue position). A retried POST with the same
-        idempotency key gets the first job back (created False)."""
+        idempotency key gets the first job back (created False). Its place in the queue: its
+        arrival, moved ahead by `priority_boost_s` per priority level."""
         record = self._record(
             req,
             "job",
-            owner,
+            tenant,
             request_id,
             idempotency_key=idempotency_key,
             request_hash=request_hash(req) if idempotency_key else None,
+            rank=time.time() - (req.priority or 0) * self.config.admission.priority_boost_s,
         )
-        record, created = await self.call(self.store.create, record)
+        record, created = await self._create(record, tenant)
         position = await self.call(self.store.queue_position, record.id)
         if created:
             await self.log(record.id, "queued", {"position": position})
@@ -134,7 +184,7 @@ class Jobs:
         return record, created, position
 
     async def start_attached(
-        self, req: ImageGenerationRequest, kind: str, owner: str, request_id: str
+        self, req: ImageGenerationRequest, kind: str, tenant: Tenant, request_id: str
     ) -> tuple[JobRecord, asyncio.Task]:
         """Create a sync/stream record leased to this ingress and start running it; the task gives
         (final record, images or None, outcome)."""
@@ -142,7 +192,7 @@ class Jobs:
         record = self._record(
             req,
             kind,
-            owner,
+            tenant,
             request_id,
             status=RUNNING,
             attempts=1,
@@ -150,7 +200,7 @@ class Jobs:
             lease_expires=now + self.settings.lease_s,
             started_at=now,
         )
-        record, _ = await self.call(self.store.create, record)
+        record, _ = await self._create(record, tenant)
         logger.info("request %s runs as %s %s", request_id, kind, record.id)
         return record, self._spawn(record.id, self._run_attached(record))
 
@@ -210,12 +260,22 @@ class Jobs:
     async def _attempt(self, record: JobRecord, attempt: int) -> Outcome:
         req = ImageGenerationRequest.model_validate(record.request["body"])
         encode_request, spec = self.planner.plan(req, record.id)
+        deadline_at = record.request.get("deadline_at")
+        if deadline_at is not None and time.time() >= deadline_at:
+            return Outcome("failed", exception=self._deadline_error(record))
         await self.log(record.id, "dispatched", {"attempt": attempt})
+        watchdog = None
+        if deadline_at is not None:
+            delay = max(deadline_at - time.time(), 0.0)
+            watchdog = asyncio.get_running_loop().call_later(delay, self._expire, record.id)
         try:
+            encode_request = replace(encode_request, ready_at=time.time())  # its queue wait starts
             out = await self.pipeline.run(encode_request, spec)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an outcome
             error = classify(exc)
-            if isinstance(error, Unavailable):
+            if record.id in self._expired:
+                return Outcome("failed", exception=self._deadline_error(record))
+            if isinstance(error, (Unavailable, TooManyRequests)):
                 logger.warning("job %s attempt %d: %s", record.id, attempt, error.message)
                 return Outcome("retry", exception=error)
             if not isinstance(error, ApiError):
@@ -223,11 +283,33 @@ class Jobs:
                     "job %s (request %s) failed", record.id, record.request.get("request_id"), exc_info=exc
                 )
             return Outcome("failed", exception=error)
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
         if isinstance(out, Rejected):
             return Outcome("failed", exception=out.error)
         if isinstance(out, Cancelled):
+            if record.id in self._expired:
+                return Outcome("failed", exception=self._deadline_error(record))
             return Outcome("cancelled", cancelled=out)
         return Outcome("succeeded", images=out, seeds=spec.sampling.seeds)
+
+    @staticmethod
+    def _deadline_error(record: JobRecord) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"request {record.id} did not finish within its deadline of"
+            f" {record.request.get('deadline_s', 0):g} s",
+            "deadline_s",
+        )
+
+    def _expire(self, job_id: str) -> None:
+        """A running request's deadline passed: stop its work through the store's cancel flag
+        (every stage checks it) and end it as deadline_exceeded."""
+        self._expired.add(job_id)
+        reason = "its deadline passed"
+        task = asyncio.get_running_loop().create_task(self.cancel(job_id, None, reason))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _finish(self, record: JobRecord, outcome: Outcome, attempts: int) -> JobRecord:
         result = error = None
@@ -257,6 +339,14 @@ class Jobs:
                 await asyncio.to_thread(self._delete_images, result)
             return await self.call(self.store.get, record.id) or record
         logger.info("job %s %s after %d attempt(s)", record.id, status, attempts)
+        self.metrics.finished(status, record.kind)
+        if status == SUCCEEDED:
+            self.metrics.images(len(outcome.images.images), record.kind)
+        elif status == CANCELLED:
+            self.metrics.cancelled(outcome.cancelled.stage)
+        self._expired.discard(record.id)
+        if status == SUCCEEDED:
+            self.admission.finished(record.cost)
         return final
 
     @staticmethod
@@ -280,9 +370,13 @@ class Jobs:
         url = body.get("response_format") == "url"
         keep = record.kind == "job" or url
         names = [None] * len(images.images)
-        if keep:
+        if keep:  # kept as long as the record (a URL expires with the retention), and a little
+            # longer, so a record read just before it expires still finds its images
+            expires_at = time.time() + self.settings.retention_s + IMAGE_GRACE_S
             names = [
-                await asyncio.to_thread(self.images.save, blob, images.output_format)
+                await asyncio.to_thread(
+                    self.images.save, blob, images.output_format, record.owner, expires_at
+                )
                 for blob in images.images
             ]
         return {
@@ -299,25 +393,29 @@ class Jobs:
                 self.images.delete(image["name"])
 
     # -- cancelling and reading -----------------------------------------------------------------
-    async def cancel(self, job_id: str, owner: str, reason: str) -> JobRecord:
+    async def cancel(self, job_id: str, owner: Optional[str], reason: str) -> JobRecord:
+        """Cancel a job of `owner` (None: this service itself, at a deadline)."""
         record = await self.get(job_id, owner)
+        was_queued = record.status == QUEUED
         record = await self.call(
             self.store.request_cancel, record.id, retention_s=self.settings.retention_s
         )
         if record is not None and record.status == RUNNING:
             await self.log(record.id, "cancel_requested", {"reason": reason})
+        elif record is not None and was_queued and record.status == CANCELLED:
+            self.metrics.cancelled("queue")  # ended by the store at once; no attempt to finish
         return record
 
-    async def get(self, job_id: str, owner: str) -> JobRecord:
+    async def get(self, job_id: str, owner: Optional[str]) -> JobRecord:
         record = await self.call(self.store.get, check_job_id(job_id))
-        if record is None or record.owner != owner:
+        if record is None or (owner is not None and record.owner != owner):
             raise NotFound(f"no job {job_id!r}", "job_id")
         return record
 
     # -- maintenance ----------------------------------------------------------------------------
     async def maintain(self) -> None:
         """Renew the leases of what runs here; recover what other (dead) ingresses left; delete
-        what expired."""
+        what expired; refresh the jobs-by-state gauge."""
         renewing = dict(self.running)  # jobs started while the call runs are not judged by it
         held = await self.call(self.store.renew, self.worker, list(renewing), self.settings.lease_s)
         for job_id, task in renewing.items():
@@ -333,3 +431,7 @@ class Jobs:
         for record in await self.call(self.store.sweep):
             if record.result:
                 await asyncio.to_thread(self._delete_images, record.result)
+        if time.monotonic() >= self._next_image_sweep:  # images no record names any more
+            self._next_image_sweep = time.monotonic() + IMAGE_SWEEP_INTERVAL_S
+            await asyncio.to_thread(self.images.sweep, time.time())
+        self.metrics.jobs_by_state(await self.call(self.store.counts_by_status))

@@ -7,18 +7,19 @@ import base64
 from typing import Callable, Optional, Sequence
 
 from deployments.job_store.base import QUEUED, JobRecord
-from serve_app.image_store import LocalImageStore
+from serve_app.image_store import ImageStore
 from serve_app.protocol import ImageData, ImagesResponse, JobObject
 
 
 async def images_response(
     result: dict,
-    store: LocalImageStore,
+    store: ImageStore,
     image_url: Callable[[str], str],
+    owner: str,
     blobs: Optional[Sequence[bytes]] = None,
 ) -> ImagesResponse:
-    """What /v1/images/generations returns, for a stored result. `blobs`: the images in hand (a
-    synchronous b64 response), else read back from the image store."""
+    """What /v1/images/generations returns, for a stored result of `owner`. `blobs`: the images
+    in hand (a synchronous b64 response), else read back from the image store."""
     data = []
     for i, image in enumerate(result["images"]):
         name, seed = image.get("name"), image["seed"]
@@ -27,7 +28,8 @@ async def images_response(
             continue
         blob = blobs[i] if blobs is not None else None
         if blob is None and name:
-            blob = await asyncio.to_thread(store.read, name)
+            found = await asyncio.to_thread(store.read, name, owner)
+            blob = None if found is None else found[0]
         b64 = None if blob is None else base64.b64encode(blob).decode("ascii")
         data.append(ImageData(b64_json=b64, seed=seed))
     return ImagesResponse(

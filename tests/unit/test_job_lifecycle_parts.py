@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 import pytest
 
@@ -77,18 +78,18 @@ def test_retention_deletes_records_their_events_and_their_images(tmp_path):
     images = LocalImageStore(str(tmp_path / "images"))
     config = AppConfig.model_validate({"jobs": {"retention_s": 60}})
     jobs = Jobs(config, store, pipeline=None, images=images, worker="w")
-    name = images.save(b"png", "png")
+    name = images.save(b"png", "png", "anonymous", time.time() + 3600)
     running(store, "job-old")
     result = {"images": [{"name": name, "seed": 1}], "response_format": "url"}
     store.finish("job-old", "w", "succeeded", retention_s=60, result=result)
     running(store, "job-live")
 
     asyncio.run(jobs.maintain())
-    assert images.lookup(name) is not None and store.get("job-old") is not None
+    assert images.read(name, "anonymous") is not None and store.get("job-old") is not None
     clock.now += 61
     asyncio.run(jobs.maintain())
     assert store.get("job-old") is None and store.events("job-old") == []
-    assert images.lookup(name) is None
+    assert images.read(name, "anonymous") is None
     assert store.get("job-live").status == RUNNING  # still leased (far in the future)
 
 
