@@ -24,6 +24,8 @@ TEST_ARGS = {
         "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.3},
     },
     "vae_decoder": {"torch_threads": 1, "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.1}},
+    # Room for test_load's 300 concurrent requests: admission is tested on an app of its own.
+    "admission": {"max_pending": 512, "max_pending_cost": 10_000},
 }
 
 
