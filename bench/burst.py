@@ -69,17 +69,17 @@ def main() -> None:
         except requests.exceptions.ConnectionError:
             return "connection_error", None, time.monotonic() - started
 
-    health: list[float] = []
+    health: list[tuple[str, float]] = []
     stop = threading.Event()
 
     def watch():
         while not stop.is_set():
             t = time.monotonic()
             try:
-                ok = requests.get(f"{ns.url}/health", timeout=5).status_code == 200
-            except requests.exceptions.RequestException:
-                ok = False
-            health.append(time.monotonic() - t if ok else float("inf"))
+                status = str(requests.get(f"{ns.url}/health", timeout=5).status_code)
+            except requests.exceptions.RequestException as exc:
+                status = type(exc).__name__
+            health.append((status, time.monotonic() - t))
             stop.wait(0.25)
 
     before = ray_rss_mib()
@@ -114,8 +114,11 @@ def main() -> None:
                     "p99": percentile(admitted, 0.99),
                     "max": max(admitted, default=None),
                 },
-                "health_checks": len(health),
-                "health_max_s": max(health, default=None),
+                "health": {
+                    "checks": len(health),
+                    "not_200": [s for s, _ in health if s != "200"][:10],
+                    "max_s": round(max((t for _, t in health), default=0.0), 3),
+                },
                 "ray_rss_mib": {"before": round(before), "after": round(after)},
             },
             indent=2,
