@@ -86,6 +86,13 @@ class StageFailure(Exception):
         return f"stage {self.stage} failed for request {self.request_id}"
 
 
+class Unauthorized(ApiError):
+    """No valid API key (`Authorization: Bearer <key>`) where the app requires one."""
+
+    status = 401
+    code = "invalid_api_key"
+
+
 class TooManyRequests(ApiError):
     """Over capacity or over a per-key limit: retry after `retry_after_s` (429 + Retry-After)."""
 

@@ -15,7 +15,7 @@ import math
 import time
 from typing import Callable, Optional
 
-from deployments.errors import RateLimited, TooManyRequests
+from deployments.errors import InvalidParameter, RateLimited, TooManyRequests
 from deployments.job_store.base import Admission, AdmissionRejected
 from deployments.sampling import SamplingParams
 from serve_app.auth import Tenant
@@ -102,8 +102,6 @@ class AdmissionControl:
 
     def deadline_s(self, requested: Optional[float]) -> Optional[float]:
         """The deadline a request runs under; a 400 names `deadline_s` when it asks too much."""
-        from deployments.errors import InvalidParameter
-
         if requested is None:
             return self.settings.default_deadline_s
         if requested > self.settings.max_deadline_s:

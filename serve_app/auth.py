@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -120,27 +119,18 @@ class AuthMiddleware:
         is_open = path in OPEN_PATHS or path.startswith(OPEN_PREFIXES) or preflight
         tenant = self.keys.tenant(headers.get(b"authorization", b"").decode("latin-1") or None)
         if tenant is None and not is_open:
-            return await _unauthorized(scope, send)
+            return await _unauthorized(scope, receive, send)
         scope.setdefault("state", {})["tenant"] = tenant or Tenant(ANONYMOUS)
         return await self.app(scope, receive, send)
 
 
-async def _unauthorized(scope, send) -> None:
-    """The 401 (Serve's proxy adds the X-Request-ID header to it, as to every response)."""
-    body = json.dumps(
-        {
-            "error": {
-                "message": "a valid API key is required: send `Authorization: Bearer <key>`",
-                "type": "invalid_request_error",
-                "param": "Authorization",
-                "code": "invalid_api_key",
-            }
-        }
-    ).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"www-authenticate", b'Bearer realm="dit-serve"'),
-    ]
-    await send({"type": "http.response.start", "status": 401, "headers": headers})
-    await send({"type": "http.response.body", "body": b"" if scope.get("method") == "HEAD" else body})
+async def _unauthorized(scope, receive, send) -> None:
+    """The 401, in the shape of every error (Serve's proxy adds X-Request-ID, as to every response)."""
+    from deployments.errors import Unauthorized
+    from serve_app.asgi import request_id
+    from serve_app.errors import error_response
+
+    error = Unauthorized("a valid API key is required: send `Authorization: Bearer <key>`", "Authorization")
+    response = error_response(error, request_id(scope))
+    response.headers["WWW-Authenticate"] = 'Bearer realm="dit-serve"'
+    await response(scope, receive, send)

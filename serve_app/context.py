@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from fastapi import Request
 
 from deployments.payloads import StageTrace
+from serve_app.auth import ANONYMOUS, KeyRing, Tenant
 from serve_app.config import AppConfig
 from serve_app.dispatcher import Dispatcher
 from serve_app.event_hub import EventHub
 from serve_app.image_store import ImageStore
-from serve_app.auth import ANONYMOUS, KeyRing, Tenant
 from serve_app.jobs import Jobs
 from serve_app.pipeline import Pipeline
 
@@ -30,7 +29,6 @@ class ApiContext:
     dispatcher: Dispatcher
     keys: KeyRing
     created: int
-    _background: set = field(default_factory=set)
 
     def image_url(self, request: Request) -> Callable[[str], str]:
         base = self.config.image_store.public_base_url
@@ -42,11 +40,6 @@ class ApiContext:
 
         return url
 
-    def cancel_soon(self, job_id: str, owner: str, reason: str) -> None:
-        """From a connection being torn down: record the cancel in a task of its own."""
-        task = asyncio.get_running_loop().create_task(self.jobs.cancel(job_id, owner, reason))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
 
 def request_id_of(request: Request) -> str:

@@ -124,12 +124,10 @@ class Jobs:
 
     # -- accepting ------------------------------------------------------------------------------
     def _record(self, req, kind, tenant: Tenant, request_id, **fields) -> JobRecord:
-        accepted = self.planner.accept(req)  # raises the client's 4xx before anything is stored
-        _, spec = self.planner.plan(accepted, "check")
+        accepted, spec = self.planner.accept(req)  # the client's 4xx before anything is stored
         deadline_s = self.admission.deadline_s(req.deadline_s)
         stored = {"body": accepted.model_dump(exclude_none=True), "request_id": request_id}
-        if deadline_s is not None:
-            stored["deadline_at"] = time.time() + deadline_s
+        if deadline_s is not None:  # counted from the record's created_at
             stored["deadline_s"] = deadline_s
         return JobRecord(
             id=new_job_id(),
@@ -260,7 +258,8 @@ class Jobs:
     async def _attempt(self, record: JobRecord, attempt: int) -> Outcome:
         req = ImageGenerationRequest.model_validate(record.request["body"])
         encode_request, spec = self.planner.plan(req, record.id)
-        deadline_at = record.request.get("deadline_at")
+        deadline_s = record.request.get("deadline_s")
+        deadline_at = None if deadline_s is None else record.created_at + deadline_s
         if deadline_at is not None and time.time() >= deadline_at:
             return Outcome("failed", exception=self._deadline_error(record))
         await self.log(record.id, "dispatched", {"attempt": attempt})
@@ -306,8 +305,12 @@ class Jobs:
         """A running request's deadline passed: stop its work through the store's cancel flag
         (every stage checks it) and end it as deadline_exceeded."""
         self._expired.add(job_id)
-        reason = "its deadline passed"
-        task = asyncio.get_running_loop().create_task(self.cancel(job_id, None, reason))
+        self.cancel_soon(job_id, None, "its deadline passed")
+
+    def cancel_soon(self, job_id: str, owner: Optional[str], reason: str) -> None:
+        """Record a cancel in a task of its own (from a deadline timer, or a connection being
+        torn down, neither of which can wait for the store)."""
+        task = asyncio.get_running_loop().create_task(self.cancel(job_id, owner, reason))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

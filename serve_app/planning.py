@@ -19,12 +19,11 @@ class Planner:
     def __init__(self, config: AppConfig):
         self.config = config
 
-    def accept(self, req: ImageGenerationRequest) -> ImageGenerationRequest:
-        """The request as it will be run, every time: checked, with its seed fixed."""
-        self.plan(req, "check")
+    def accept(self, req: ImageGenerationRequest) -> tuple[ImageGenerationRequest, GenerationSpec]:
+        """The request as it will be run, every time (checked, its seed fixed), and its plan."""
         if req.seed is None:
             req = req.model_copy(update={"seed": secrets.randbits(32)})
-        return req
+        return req, self.plan(req, "check")[1]
 
     def plan(self, req: ImageGenerationRequest, request_id: str) -> tuple[EncodeRequest, GenerationSpec]:
         """Check a request against the deployed model's limits; what each stage will be asked."""

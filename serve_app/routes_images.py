@@ -61,7 +61,7 @@ def add_image_routes(app: FastAPI, ctx: ApiContext) -> None:
         except asyncio.CancelledError:
             if task.cancelled():  # this ingress lost the job's lease: another one runs it now
                 return error_response(Unavailable("the request was moved; retry it"), rid, job)
-            ctx.cancel_soon(record.id, tenant.name, "the client disconnected")  # stop its work, let go
+            ctx.jobs.cancel_soon(record.id, tenant.name, "the client disconnected")  # stop, let go
             raise
         except Exception as exc:  # noqa: BLE001 - the run itself failed (the job store, say)
             return error_response(exc, rid, job)
@@ -143,7 +143,7 @@ async def _stream(ctx: ApiContext, req, rid: str, tenant) -> EventSourceResponse
                 yield _sse(_completed(result, image, index))
         except asyncio.CancelledError:
             if not task.done():
-                ctx.cancel_soon(record.id, tenant.name, "the client disconnected")
+                ctx.jobs.cancel_soon(record.id, tenant.name, "the client disconnected")
             raise
         finally:
             await previews.aclose()

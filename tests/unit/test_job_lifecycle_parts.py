@@ -96,7 +96,7 @@ def test_retention_deletes_records_their_events_and_their_images(tmp_path):
 def test_a_seed_is_fixed_once_and_an_idempotency_key_binds_the_body_as_sent():
     planner = Planner(AppConfig())
     req = parse_generation_request(json.dumps({"prompt": "a cat", "n": 2}).encode())
-    accepted = planner.accept(req)
+    accepted, _ = planner.accept(req)
     assert req.seed is None and accepted.seed is not None
     _, spec = planner.plan(accepted, "job-x")
     _, again = planner.plan(accepted, "job-x")
