@@ -43,16 +43,31 @@ class DenoiseItem:
     reports: bool = True
 
 
+# The per-row tensors of `PromptEmbeddings` a batch stacks into `DenoiseInputs` (same names).
+ROW_TENSORS = (
+    "prompt_embeds",
+    "pooled_prompt_embeds",
+    "prompt_attention_mask",
+    "negative_prompt_embeds",
+    "negative_pooled_prompt_embeds",
+    "negative_prompt_attention_mask",
+)
+
+
 def stack_inputs(items: Sequence[DenoiseItem]) -> DenoiseInputs:
-    """One transformer batch from same-key requests: each prompt's rows repeated n times."""
+    """One transformer batch from same-key requests: each prompt's rows repeated n times. A tensor
+    the requests do not have (no pooled embeddings, no guidance) stays None; same-key requests of one
+    model either all have it or none do."""
     import torch
 
-    pooled = [it.embeddings.pooled_prompt_embeds for it in items]
+    def stacked(name: str):
+        parts = [(getattr(it.embeddings, name), it.spec.n) for it in items]
+        if parts[0][0] is None:
+            return None
+        return torch.cat([t.repeat(n, *([1] * (t.dim() - 1))) for t, n in parts])
+
     return DenoiseInputs(
-        prompt_embeds=torch.cat([it.embeddings.prompt_embeds.repeat(it.spec.n, 1, 1) for it in items]),
-        pooled_prompt_embeds=None
-        if pooled[0] is None
-        else torch.cat([p.repeat(it.spec.n, 1) for p, it in zip(pooled, items)]),
+        **{name: stacked(name) for name in ROW_TENSORS},
         sampling=SamplingParams.merged([it.spec.sampling for it in items]),
     )
 

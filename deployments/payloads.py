@@ -32,6 +32,7 @@ class GenerationSpec:
 
     request_id: str  # the job id: the key of the request's record, events and cancel flag
     sampling: SamplingParams
+    model: str = ""  # the served model (its name in the config) whose stages run the request
     output_format: str = "png"
     output_compression: Optional[int] = None
     partial_images: int = 0  # previews of image 0 the denoiser emits along the way (0-3)
@@ -45,6 +46,9 @@ class GenerationSpec:
 class EncodeRequest:
     request_id: str
     prompt: str
+    # With classifier-free guidance, the prompt of the unconditional branch ("" when the request
+    # gave none, as diffusers does); None when the request runs without it.
+    negative_prompt: Optional[str] = None
     # When the payload became ready for the stage that takes it (wall clock, stamped as it is
     # made: the stage before made it then; the ingress restamps an encode request as it sends it).
     # That stage's queue wait runs from here to the start of its batch (deployments/metrics.py).
@@ -59,6 +63,11 @@ class PromptEmbeddings:
     prompt_embeds: "torch.Tensor"  # (1, seq, dim)
     pooled_prompt_embeds: Optional["torch.Tensor"] = None  # (1, dim)
     input_ids: tuple["torch.Tensor", ...] = ()  # per tokenizer, (seq,) as fed to its encoder
+    prompt_attention_mask: Optional["torch.Tensor"] = None  # (1, seq), families that use one
+    # The negative prompt's, when the request runs with classifier-free guidance.
+    negative_prompt_embeds: Optional["torch.Tensor"] = None
+    negative_pooled_prompt_embeds: Optional["torch.Tensor"] = None
+    negative_prompt_attention_mask: Optional["torch.Tensor"] = None
     trace: tuple[StageTrace, ...] = field(default=())
     ready_at: float = field(default_factory=time.time)  # see EncodeRequest
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 import time
 from typing import Optional, Sequence
 
@@ -25,8 +26,15 @@ logger = logging.getLogger("ray.serve")
 
 
 class StageProgress:
-    def __init__(self, store: JobStore, stage: str, metrics: Optional[StageMetrics] = None):
+    def __init__(
+        self,
+        store: JobStore,
+        stage: str,
+        metrics: Optional[StageMetrics] = None,
+        model: Optional[str] = None,
+    ):
         self.stage = stage
+        self.model = model  # stamped on the progress a record keeps (per-model queue depths)
         self.metrics = metrics or StageMetrics(stage)
         self._store = store
         self._pending: list[NewEvent] = []
@@ -88,6 +96,11 @@ class StageProgress:
     def emit(self, events: Sequence[NewEvent]) -> None:
         if not events:
             return
+        if self.model is not None:
+            events = [
+                e if e.progress is None else replace(e, progress={**e.progress, "model": self.model})
+                for e in events
+            ]
         self._pending.extend(events)
         self._emitted += len(events)
         if self._writer is None or self._writer.done():

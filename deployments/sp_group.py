@@ -128,6 +128,7 @@ class DenoiseWorker:
                 init_method=init_method,
                 ulysses_degree=dn.ulysses_degree,
                 ring_degree=dn.ring_degree,
+                cfg_degree=dn.cfg_degree,
                 device=device,
                 timeout_s=dn.process_group_timeout_s,
                 model_path=spec.path,

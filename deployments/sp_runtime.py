@@ -39,6 +39,7 @@ def init_rank(
     ulysses_degree: int,
     ring_degree: int,
     device: str,
+    cfg_degree: int = 1,
     timeout_s: float,
     model_path: str,
 ) -> ParallelContext:
@@ -65,7 +66,15 @@ def init_rank(
     # local_rank=0: with a tcp:// address xfuser would take the global rank as the device index.
     init_distributed_environment(rank=rank, world_size=world_size, local_rank=0, backend=backend)
     engine_config, _ = xFuserArgs(
-        model=model_path, ulysses_degree=ulysses_degree, ring_degree=ring_degree
+        model=model_path,
+        ulysses_degree=ulysses_degree,
+        ring_degree=ring_degree,
+        use_cfg_parallel=cfg_degree == 2,
     ).create_config()
-    return ParallelContext(ulysses_degree=ulysses_degree, engine_config=engine_config)
+    return ParallelContext(
+        ulysses_degree=ulysses_degree,
+        engine_config=engine_config,
+        ring_degree=ring_degree,
+        cfg_degree=cfg_degree,
+    )
 

@@ -33,11 +33,12 @@ def store_namespace(model_name: str) -> str:
 
 
 def open_store(config):
-    """This process's connection to the configured job store (by default one per model: a file
-    `jobs-<model>.sqlite3` in the data folder, or Redis keys under `dit-serve:<model>`)."""
+    """This process's connection to the configured job store (by default one per application,
+    named after its (first) model: a file `jobs-<model>.sqlite3` in the data folder, or Redis keys
+    under `dit-serve:<model>`); every stage of every model of the app shares it."""
     from deployments.job_store import open_job_store
 
-    store, name = config.jobs.store, store_namespace(config.model.name)
+    store, name = config.jobs.store, store_namespace(config.store_key)
     path = store.path or str(data_dir() / f"jobs-{name}.sqlite3")
     prefix = store.prefix or f"dit-serve:{name}"
     return open_job_store(store.backend, path=path, url=store.url, prefix=prefix)
@@ -46,4 +47,4 @@ def open_store(config):
 def open_progress(config, stage: str):
     from deployments.progress import StageProgress
 
-    return StageProgress(open_store(config), stage)
+    return StageProgress(open_store(config), stage, model=config.model.name)

@@ -5,6 +5,9 @@ tokenizer shared between threads silently returns wrong token ids (tokenizers 0.
 T5 calls and 41 of 1,600 CLIP calls from 8 threads, seen 2026-11-22), so this is a
 correctness property, not only a crash guard.
 
+A request run with classifier-free guidance has its negative prompt encoded in the same pass, as
+one more row of the batch.
+
 A batch that raises is run again prompt by prompt: only a prompt that fails alone gets a `Rejected`
 (its client error, or an internal error carrying its request id; the log has the rest).
 """
@@ -68,41 +71,66 @@ class TextEncoder:
         )
 
     def _encode_sync(self, requests: list[EncodeRequest]) -> list:
+        """One tokenizer and encoder pass for the whole batch: every prompt, then the negative
+        prompts of the requests that run with classifier-free guidance, as extra rows."""
         watch = Stopwatch("text_encoder")
-        tokens = self._encoding.tokenize([r.prompt for r in requests])
+        texts = [r.prompt for r in requests]
+        negative_row: dict[int, int] = {}  # request -> row of its negative prompt
+        for i, r in enumerate(requests):
+            if r.negative_prompt is not None:
+                negative_row[i] = len(texts)
+                texts.append(r.negative_prompt)
+        tokens = self._encoding.tokenize(texts)
         results: list = [None] * len(requests)
-        keep = []
-        for i, count in enumerate(tokens.token_counts):
-            if count > self._max_tokens:
-                results[i] = Rejected(
-                    requests[i].request_id,
-                    InvalidParameter(
-                        f"prompt is {count} tokens long; this model accepts at most "
-                        f"{self._max_tokens} tokens",
-                        "prompt",
-                    ),
-                )
-            else:
-                keep.append(i)
+        for i, r in enumerate(requests):
+            for param, row in (("prompt", i), ("negative_prompt", negative_row.get(i))):
+                count = None if row is None else tokens.token_counts[row]
+                if results[i] is None and count is not None and count > self._max_tokens:
+                    results[i] = Rejected(
+                        r.request_id,
+                        InvalidParameter(
+                            f"{param} is {count} tokens long; this model accepts at most "
+                            f"{self._max_tokens} tokens",
+                            param,
+                        ),
+                    )
+        keep = [i for i in range(len(requests)) if results[i] is None]
         if keep:
-            ids = tuple(t[keep] for t in tokens.input_ids)
-            kept = type(tokens)(input_ids=ids, token_counts=tuple(tokens.token_counts[i] for i in keep))
+            rows = keep + [negative_row[i] for i in keep if i in negative_row]
+            position = {row: n for n, row in enumerate(rows)}
+            ids = tuple(t[rows] for t in tokens.input_ids)
+            kept = type(tokens)(input_ids=ids, token_counts=tuple(tokens.token_counts[r] for r in rows))
             encoded = self._encoding.encode_prompt(kept)
             trace = (watch.trace(len(requests)),)
-            pooled = encoded.pooled_prompt_embeds
-            for row, i in enumerate(keep):
+            for i in keep:
+                row, negative = position[i], position.get(negative_row.get(i, -1))
                 results[i] = PromptEmbeddings(
                     request_id=requests[i].request_id,
-                    prompt_embeds=encoded.prompt_embeds[row : row + 1].cpu().clone(),
-                    pooled_prompt_embeds=None if pooled is None else pooled[row : row + 1].cpu().clone(),
                     input_ids=tuple(t[row].clone() for t in ids),
                     trace=trace,
+                    **_rows_of(encoded, row, ""),
+                    **(_rows_of(encoded, negative, "negative_") if negative is not None else {}),
                 )
         logger.info(
-            "text_encoder batch=%d rejected=%d requests=%s %.3fs",
+            "text_encoder batch=%d negative=%d rejected=%d requests=%s %.3fs",
             len(requests),
+            len(negative_row),
             len(requests) - len(keep),
             [r.request_id for r in requests],
             watch.trace(len(requests)).seconds,
         )
         return results
+
+
+def _rows_of(encoded, row: int, prefix: str) -> dict:
+    """One row of each encoded tensor, cloned to the CPU (only this request's data is pickled),
+    under its diffusers argument name (`negative_` + name for a negative prompt's)."""
+
+    def take(tensor):
+        return None if tensor is None else tensor[row : row + 1].cpu().clone()
+
+    return {
+        f"{prefix}prompt_embeds": take(encoded.prompt_embeds),
+        f"{prefix}pooled_prompt_embeds": take(encoded.pooled_prompt_embeds),
+        f"{prefix}prompt_attention_mask": take(encoded.prompt_attention_mask),
+    }

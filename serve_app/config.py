@@ -38,26 +38,60 @@ class ModelConfig(_Strict):
         max_length=200,
         description="The model id clients see in GET /v1/models and pass as `model`.",
     )
-    family: str = Field("flux", description="The diffusers pipeline family (see `family_names`).")
+    family: Optional[str] = Field(
+        None,
+        description=(
+            "The diffusers pipeline family: flux, sd3 (SD3 and SD3.5) or pixart (PixArt-Sigma)."
+            " Default: read from the checkpoint's model_index.json (a local folder or builtin"
+            " model; a hub id needs it set)."
+        ),
+    )
     path: str = Field(
         "builtin:tiny-flux",
         min_length=1,
         description=(
             "A local diffusers-format folder (absolute path), a hub id (downloaded only when the"
-            " host has network), or `builtin:tiny-flux`, the embedded tiny model made locally."
+            " host has network), or `builtin:tiny-<family>` (tiny-flux, tiny-sd3, tiny-pixart),"
+            " an embedded tiny model made locally."
         ),
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Weights and activation dtype for every stage."
     )
-    max_sequence_length: int = Field(
-        512, ge=16, le=512, description="T5 tokens per prompt; longer prompts get a 400."
+    max_sequence_length: Optional[int] = Field(
+        None,
+        ge=16,
+        le=512,
+        description=(
+            "T5 tokens per prompt (and per negative prompt); longer prompts get a 400. Default:"
+            " the family pipeline's own (flux 512, sd3 256, pixart 300)."
+        ),
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _family_and_lengths(cls, data):
+        """Fill in the family (from the checkpoint) and the family's sequence length."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        path = data.get("path", cls.model_fields["path"].default)
+        if data.get("family") is None and isinstance(path, str):
+            if path.startswith("builtin:") and path.removeprefix("builtin:") in builtin_models():
+                data["family"] = builtin_models()[path.removeprefix("builtin:")].name
+            elif not path.startswith("builtin:"):
+                from deployments.families.checkpoint import detect_family
+
+                data["family"] = detect_family(path)
+        family = data.get("family")
+        if data.get("max_sequence_length") is None and family in family_names():
+            data["max_sequence_length"] = family_spec(family).default_max_sequence_length
+        return data
 
     @field_validator("family")
     @classmethod
-    def _known_family(cls, family: str) -> str:
-        if family not in family_names():
+    def _known_family(cls, family: Optional[str]) -> Optional[str]:
+        if family is not None and family not in family_names():
             raise ValueError(f"unknown family {family!r}; known: {list(family_names())}")
         return family
 
@@ -95,6 +129,14 @@ class StageConfig(_Strict):
 class DenoiserConfig(StageConfig):
     ulysses_degree: int = Field(1, ge=1, le=64, description="xDiT Ulysses sequence-parallel degree.")
     ring_degree: int = Field(1, ge=1, le=64, description="xDiT ring-attention degree.")
+    cfg_degree: Literal[1, 2] = Field(
+        1,
+        description=(
+            "2: classifier-free guidance in parallel (xDiT's CFG-parallel): the unconditional and"
+            " the conditional branch on two ranks, each an SP group of ulysses x ring ranks."
+            " Families with CFG only (sd3, pixart)."
+        ),
+    )
     worker_num_gpus: float = Field(
         0.0, ge=0.0, le=1.0, description="GPUs per worker actor (one worker per SP rank)."
     )
@@ -152,8 +194,14 @@ class DenoiserConfig(StageConfig):
     )
 
     @property
-    def world_size(self) -> int:
+    def sp_degree(self) -> int:
+        """Ranks one image's token sequence is split over."""
         return self.ulysses_degree * self.ring_degree
+
+    @property
+    def world_size(self) -> int:
+        """Worker actors (one device each) of one replica."""
+        return self.cfg_degree * self.sp_degree
 
     @model_validator(mode="after")
     def _worker_has_resources(self) -> "DenoiserConfig":
@@ -162,7 +210,7 @@ class DenoiserConfig(StageConfig):
         if self.ring_degree > 1 and (self.worker_num_gpus == 0 or self.device == "cpu"):
             raise ValueError("ring_degree > 1 needs GPU workers (ring attention has no CPU kernel)")
         if self.world_size > 64:
-            raise ValueError("ulysses_degree x ring_degree must be at most 64")
+            raise ValueError("cfg_degree x ulysses_degree x ring_degree must be at most 64")
         return self
 
 
@@ -178,7 +226,11 @@ class LimitsConfig(_Strict):
 class DefaultsConfig(_Strict):
     size: str = Field("256x256", description="Used when a request gives no size.")
     num_inference_steps: int = Field(4, ge=1)
-    guidance_scale: float = Field(3.5, ge=0.0)
+    guidance_scale: Optional[float] = Field(
+        None,
+        ge=0.0,
+        description="Default: the family pipeline's own (flux 3.5, sd3 7.0, pixart 4.5).",
+    )
     output_format: Literal["png", "jpeg", "webp"] = "png"
 
 
@@ -445,8 +497,40 @@ class HttpConfig(_Strict):
     )
 
 
+class ModelEntry(_Strict):
+    """One model of an application serving several (`models:`): its own checkpoint and, where
+    given, its own stage, limits and defaults blocks (else the application's)."""
+
+    model: ModelConfig
+    text_encoder: Optional[StageConfig] = None
+    denoiser: Optional["DenoiserConfig"] = None
+    vae_decoder: Optional[StageConfig] = None
+    limits: Optional[LimitsConfig] = None
+    defaults: Optional[DefaultsConfig] = None
+
+
+# The blocks a `models:` entry may set for itself.
+PER_MODEL = ("text_encoder", "denoiser", "vae_decoder", "limits", "defaults")
+DEPLOYMENT_SLUG_RE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
 class AppConfig(_Strict):
     model: ModelConfig = ModelConfig()
+    models: tuple[ModelEntry, ...] = Field(
+        (),
+        max_length=32,
+        description=(
+            "Several models in one application, each with its own stage deployments (own"
+            " tokenizers, weights, replicas and autoscaling), named <Stage>-<model name>."
+            " Requests pick one by `model` (default: the first). Leave `model` unset with it."
+        ),
+    )
+    store_name: Optional[str] = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="Name of the app's job queue and image prefix; default: its (first) model's name.",
+    )
     text_encoder: StageConfig = StageConfig()
     denoiser: DenoiserConfig = DenoiserConfig()
     vae_decoder: StageConfig = StageConfig()
@@ -460,6 +544,45 @@ class AppConfig(_Strict):
     http: HttpConfig = HttpConfig()
 
     @property
+    def store_key(self) -> str:
+        """The name the app's job store and images are kept under (shared by every model)."""
+        if self.store_name:
+            return self.store_name
+        return self.models[0].model.name if self.models else self.model.name
+
+    def views(self) -> dict[str, "AppConfig"]:
+        """model name -> the config its stages and its requests see: a one-model config with that
+        model's blocks, sharing the app's job store, image store, admission and auth."""
+        if not self.models:
+            return {self.model.name: self}
+        shared = {
+            name: getattr(self, name)
+            for name in type(self).model_fields
+            if name not in ("model", "models", "store_name") + PER_MODEL
+        }
+        return {
+            entry.model.name: AppConfig(
+                model=entry.model,
+                store_name=self.store_key,
+                **shared,
+                **{name: getattr(entry, name) or getattr(self, name) for name in PER_MODEL},
+            )
+            for entry in self.models
+        }
+
+    def deployment_suffix(self, model_name: str) -> str:
+        """What a model's stage deployments are named after: `Denoiser` for a one-model app,
+        `Denoiser-<model>` with `models:` (characters other than letters, digits, _ and - become -)."""
+        if not self.models:
+            return ""
+        return "-" + DEPLOYMENT_SLUG_RE.sub("-", model_name).strip("-")
+
+    @property
+    def default_guidance_scale(self) -> float:
+        guidance = self.defaults.guidance_scale
+        return family_spec(self.model.family).default_guidance_scale if guidance is None else guidance
+
+    @property
     def size_multiple(self) -> int:
         """Width and height must be multiples of this: the family's latent patch in pixels."""
         return family_spec(self.model.family).size_multiple
@@ -467,8 +590,8 @@ class AppConfig(_Strict):
     @property
     def height_multiple(self) -> int:
         """Heights must be multiples of this: sequence parallelism splits the image into
-        `world_size` bands of latent rows (xfuser requires equal bands)."""
-        return self.size_multiple * self.denoiser.world_size
+        `sp_degree` bands of latent rows (xfuser requires equal bands)."""
+        return self.size_multiple * self.denoiser.sp_degree
 
     def size_error(self, width: int, height: int) -> Optional[str]:
         """Why this size cannot be served, or None."""
@@ -480,7 +603,7 @@ class AppConfig(_Strict):
         if height % hm:
             return (
                 f"height must be a multiple of {hm}: the denoiser splits the image into"
-                f" {self.denoiser.world_size} bands of rows (sequence parallelism)"
+                f" {self.denoiser.sp_degree} bands of rows (sequence parallelism)"
             )
         return None
 
@@ -495,6 +618,8 @@ class AppConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "AppConfig":
+        if self.models:
+            return self._models_consistent()
         lim, m = self.limits, self.size_multiple
         if lim.min_size > lim.max_size:
             raise ValueError("limits.min_size must not exceed limits.max_size")
@@ -514,9 +639,51 @@ class AppConfig(_Strict):
                 raise ValueError(f"{name} {size}: {error}")
         if self.defaults.num_inference_steps > lim.max_steps:
             raise ValueError("defaults.num_inference_steps exceeds limits.max_steps")
-        if self.defaults.guidance_scale > lim.max_guidance_scale:
+        if self.default_guidance_scale > lim.max_guidance_scale:
             raise ValueError("defaults.guidance_scale exceeds limits.max_guidance_scale")
+        parallel_error = self._parallel_error()
+        if parallel_error:
+            raise ValueError(parallel_error)
         memory_error = denoiser_memory_error(self)
         if memory_error:
             raise ValueError(memory_error)
+        return self
+
+    def _parallel_error(self) -> Optional[str]:
+        """Why the denoiser's parallel layout cannot run this model, or None."""
+        dn, family = self.denoiser, family_spec(self.model.family)
+        if dn.cfg_degree == 2 and not family.cfg:
+            return (
+                f"denoiser.cfg_degree 2 needs a model with classifier-free guidance (sd3, pixart);"
+                f" {family.name} has none (FLUX.1 is guidance-distilled): use ulysses_degree or"
+                " ring_degree"
+            )
+        from deployments.families.checkpoint import attention_heads
+
+        heads = attention_heads(self.model.path)
+        if heads and heads % dn.ulysses_degree:
+            divisors = [d for d in range(1, heads + 1) if heads % d == 0]
+            return (
+                f"denoiser.ulysses_degree {dn.ulysses_degree} must divide the transformer's {heads}"
+                f" attention heads (Ulysses gives each rank whole heads): use one of {divisors},"
+                " or split further with ring_degree or cfg_degree"
+            )
+        return None
+
+    def _models_consistent(self) -> "AppConfig":
+        if "model" in self.model_fields_set:
+            raise ValueError("give either `model` or `models`, not both")
+        names = [entry.model.name for entry in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"models: names must be unique, got {names}")
+        suffixes = [self.deployment_suffix(n) for n in names]
+        if len(set(suffixes)) != len(suffixes):
+            raise ValueError(
+                f"models: names {names} give the same deployment names; rename one"
+                " (letters, digits, _ and - are kept)"
+            )
+        try:
+            self.views()  # each model's config validates on its own
+        except ValueError as exc:
+            raise ValueError(f"models: {exc}") from None
         return self

@@ -272,14 +272,12 @@ def _app_problems(
         except ValidationError as exc:
             for error in exc.errors():
                 problems.append(Problem(i, _dotted(("args", *error["loc"])), _message(error)))
-    model = (args or {}).get("model") if isinstance(args, dict) else None
-    path = model.get("path") if isinstance(model, dict) else None
-    if isinstance(path, str):
+    for where, path in _model_paths(args):
         message, note = _model_path(path)
         if message:
-            problems.append(Problem(i, "args.model.path", message))
+            problems.append(Problem(i, where, message))
         if note:
-            notes[i] = note
+            notes[i] = "; ".join(filter(None, (notes.get(i), note)))
     problems += _deployment_problems(i, app.get("deployments"), config)
     if config is not None and not any(
         p.app == i and p.field.startswith("deployments") for p in earlier + problems
@@ -293,6 +291,20 @@ def _app_problems(
         except ValueError as exc:
             problems.append(Problem(i, "", str(exc)))
     return problems
+
+
+def _model_paths(args: Any) -> Iterator[tuple[str, str]]:
+    """(field, path) of every `model.path` in an app's args: `model`, or each of `models`."""
+    if not isinstance(args, dict):
+        return
+    model = args.get("model")
+    if isinstance(model, dict) and isinstance(model.get("path"), str):
+        yield "args.model.path", model["path"]
+    entries = args.get("models")
+    for n, entry in enumerate(entries if isinstance(entries, list) else []):
+        model = entry.get("model") if isinstance(entry, dict) else None
+        if isinstance(model, dict) and isinstance(model.get("path"), str):
+            yield f"args.models.{n}.model.path", model["path"]
 
 
 def _import_path_problem(import_path: Any) -> Optional[str]:

@@ -75,10 +75,11 @@ def build_api(ctx: ApiContext) -> FastAPI:
 @serve.deployment(name="ImagesAPI")
 @serve.ingress()
 class ImagesAPI:
-    def __init__(self, text_encoder, denoiser, vae_decoder, config):
+    def __init__(self, chains, config):
+        """`chains`: model name -> its (text encoder, denoiser, VAE decoder) handles."""
         store = open_store(config)
         images = open_image_store(config)
-        pipeline = Pipeline(text_encoder, denoiser, vae_decoder)
+        pipeline = Pipeline(chains)
         worker = f"ingress-{secrets.token_hex(8)}"
         jobs = Jobs(config, store, pipeline, images, worker, ApiMetrics())
         self.ctx = ApiContext(

@@ -101,7 +101,14 @@ def header_parameter(name: str, pattern: str, description: str) -> dict[str, Any
 
 def generation_request_schema(config) -> dict[str, Any]:
     """ImageGenerationRequest's JSON schema with this deployment's limits as bounds, and every
-    optional field nullable (null means its default, as in OpenAI's schema)."""
+    optional field nullable (null means its default, as in OpenAI's schema). With several models
+    the bounds are the default (first) model's; each model checks its own."""
+    views = config.views()
+    if len(views) > 1:
+        props_note = f" Models: {', '.join(views)}; the bounds shown are {next(iter(views))}'s."
+    else:
+        props_note = ""
+    config = next(iter(views.values()))
     schema = copy.deepcopy(ImageGenerationRequest.model_json_schema())
     props, lim = schema["properties"], config.limits
     required = set(schema.get("required", ()))
@@ -119,6 +126,7 @@ def generation_request_schema(config) -> dict[str, Any]:
         f" {config.defaults.size}."
     )
     props["background"]["description"] += " `transparent` is refused with a 400."
+    props["model"]["description"] += props_note
     return schema
 
 

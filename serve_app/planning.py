@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 
 from deployments.errors import InvalidParameter, ModelNotFound
+from deployments.families.specs import family_spec
 from deployments.payloads import EncodeRequest, GenerationSpec
 from deployments.sampling import SamplingParams
 from serve_app.config import AppConfig, parse_size
@@ -18,6 +19,8 @@ from serve_app.protocol import ImageGenerationRequest
 class Planner:
     def __init__(self, config: AppConfig):
         self.config = config
+        self.models = config.views()  # model name -> its config (limits, defaults, family)
+        self.default_model = next(iter(self.models))
 
     def accept(self, req: ImageGenerationRequest) -> tuple[ImageGenerationRequest, GenerationSpec]:
         """The request as it will be run, every time (checked, its seed fixed), and its plan."""
@@ -27,26 +30,30 @@ class Planner:
 
     def plan(self, req: ImageGenerationRequest, request_id: str) -> tuple[EncodeRequest, GenerationSpec]:
         """Check a request against the deployed model's limits; what each stage will be asked."""
-        cfg, lim, defaults = self.config, self.config.limits, self.config.defaults
-        if req.model is not None and req.model != cfg.model.name:
+        model = self.default_model if req.model is None else req.model
+        if model not in self.models:
             raise ModelNotFound(
-                f"model {req.model!r} is not served here; available: [{cfg.model.name!r}]", "model"
+                f"model {req.model!r} is not served here; available: {list(self.models)}", "model"
             )
+        cfg = self.models[model]
+        lim, defaults = cfg.limits, cfg.defaults
         if not req.prompt.strip():
             raise InvalidParameter("prompt must not be empty", "prompt")
-        if len(req.prompt) > lim.max_prompt_chars:
-            raise InvalidParameter(
-                f"prompt is {len(req.prompt)} characters; the limit is {lim.max_prompt_chars}", "prompt"
-            )
+        for param in ("prompt", "negative_prompt"):
+            text = getattr(req, param) or ""
+            if len(text) > lim.max_prompt_chars:
+                raise InvalidParameter(
+                    f"{param} is {len(text)} characters; the limit is {lim.max_prompt_chars}", param
+                )
         if req.n > lim.max_n:
             raise InvalidParameter(f"n must be between 1 and {lim.max_n}", "n")
-        width, height = self._size(req.size or defaults.size)
+        width, height = self._size(cfg, req.size or defaults.size)
         steps = req.num_inference_steps or defaults.num_inference_steps
         if steps > lim.max_steps:
             raise InvalidParameter(
                 f"num_inference_steps must be between 1 and {lim.max_steps}", "num_inference_steps"
             )
-        guidance = defaults.guidance_scale if req.guidance_scale is None else req.guidance_scale
+        guidance = cfg.default_guidance_scale if req.guidance_scale is None else req.guidance_scale
         if guidance > lim.max_guidance_scale:
             raise InvalidParameter(
                 f"guidance_scale must be between 0 and {lim.max_guidance_scale}", "guidance_scale"
@@ -67,18 +74,38 @@ class Planner:
         spec = GenerationSpec(
             request_id=request_id,
             sampling=sampling,
+            model=model,
             output_format=fmt,
             output_compression=req.output_compression,
             partial_images=req.partial_images or 0,
         )
-        return EncodeRequest(request_id=request_id, prompt=req.prompt), spec
+        negative = self._negative_prompt(cfg, req, guidance)
+        return EncodeRequest(request_id=request_id, prompt=req.prompt, negative_prompt=negative), spec
 
-    def _size(self, size: str) -> tuple[int, int]:
+    @staticmethod
+    def _negative_prompt(cfg: AppConfig, req: ImageGenerationRequest, guidance: float):
+        """The unconditional branch's prompt when the request runs with classifier-free guidance
+        (as diffusers: guidance_scale > 1, "" unless given), else None. A negative prompt given
+        with guidance <= 1 is ignored, as diffusers ignores it."""
+        family = family_spec(cfg.model.family)
+        if not family.cfg:
+            if req.negative_prompt:
+                raise InvalidParameter(
+                    f"model {cfg.model.name!r} ({family.name}) takes no negative_prompt: FLUX.1 is"
+                    " guidance-distilled (its guidance_scale is an input, not classifier-free"
+                    " guidance)",
+                    "negative_prompt",
+                )
+            return None
+        return (req.negative_prompt or "") if guidance > 1 else None
+
+    @staticmethod
+    def _size(cfg: AppConfig, size: str) -> tuple[int, int]:
         try:
             width, height = parse_size(size)
         except ValueError:
             raise InvalidParameter(f"size must look like 1024x1024, got {size!r}", "size") from None
-        error = self.config.size_error(width, height)
+        error = cfg.size_error(width, height)
         if error:
             raise InvalidParameter(f"size {size}: {error}", "size")
         return width, height

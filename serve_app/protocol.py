@@ -19,7 +19,9 @@ class ImageGenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: StrictStr = Field(description="What to draw.")
-    model: Optional[StrictStr] = Field(None, description="Must name the served model if given.")
+    model: Optional[StrictStr] = Field(
+        None, description="One of the served models (GET /v1/models); default: the first."
+    )
     n: StrictInt = Field(1, ge=1, description="Images to generate for the prompt.")
     size: Optional[StrictStr] = Field(None, description="`WIDTHxHEIGHT`, e.g. `1024x1024`.")
     response_format: Literal["b64_json", "url"] = "b64_json"
@@ -43,7 +45,21 @@ class ImageGenerationRequest(BaseModel):
         None, ge=0, le=MAX_SEED, description="Image i uses seed + i. Random when absent."
     )
     num_inference_steps: Optional[StrictInt] = Field(None, ge=1)
-    guidance_scale: Optional[StrictFloat] = Field(None, ge=0.0)
+    guidance_scale: Optional[StrictFloat] = Field(
+        None,
+        ge=0.0,
+        description=(
+            "Default: the model's. SD3 and PixArt: classifier-free guidance when > 1. FLUX.1: the"
+            " distilled guidance the transformer takes as input."
+        ),
+    )
+    negative_prompt: Optional[StrictStr] = Field(
+        None,
+        description=(
+            "SD3 and PixArt: what to steer away from (classifier-free guidance, used when"
+            " guidance_scale > 1; empty by default, as in diffusers). FLUX.1 takes none."
+        ),
+    )
     # Streaming (OpenAI's image streaming events); `partial_images` previews also go to job events.
     stream: Optional[StrictBool] = None
     partial_images: Optional[StrictInt] = Field(None, ge=0, le=3)

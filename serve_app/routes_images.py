@@ -78,7 +78,9 @@ def add_image_routes(app: FastAPI, ctx: ApiContext) -> None:
     @app.get("/v1/models", responses={200: {"model": ModelList}, **error_responses(ctx.config)})
     async def list_models():
         return JSONResponse(
-            ModelList(data=[ModelCard(id=ctx.config.model.name, created=ctx.created)]).model_dump()
+            ModelList(
+                data=[ModelCard(id=name, created=ctx.created) for name in ctx.config.views()]
+            ).model_dump()
         )
 
     @app.get(
@@ -86,11 +88,11 @@ def add_image_routes(app: FastAPI, ctx: ApiContext) -> None:
         responses={200: {"model": ModelCard}, **error_responses(ctx.config, 404)},
     )
     async def retrieve_model(request: Request, model: str = Path(description="A model id (may contain `/`).")):
-        served = ctx.config.model.name
-        if model != served:
-            error = ModelNotFound(f"model {model!r} is not served here; available: [{served!r}]", "model")
+        served = list(ctx.config.views())
+        if model not in served:
+            error = ModelNotFound(f"model {model!r} is not served here; available: {served}", "model")
             return error_response(error, request_id_of(request))
-        return JSONResponse(ModelCard(id=served, created=ctx.created).model_dump())
+        return JSONResponse(ModelCard(id=model, created=ctx.created).model_dump())
 
     @app.get(
         "/images/{name}",

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from typing import Iterable, Literal, Mapping, Optional
+from typing import Iterable, Literal, Mapping, Optional, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from deployments.job_store.base import STATUSES
-from serve_app.app import STAGE_NAMES
+from serve_app.app import STAGE_NAMES, stage_deployments
 from serve_app.context import ApiContext, request_id_of
 from serve_app.errors import error_response
 from serve_app.openapi_docs import error_responses
@@ -92,13 +92,31 @@ def stage_of(progress: Optional[dict]) -> Optional[str]:
     return STAGES[index] if index < len(STAGES) else None
 
 
-def stage_depths(progresses: Iterable[Optional[dict]]) -> dict[str, int]:
-    depths = dict.fromkeys(STAGES, 0)
+def stage_depths(progresses: Iterable[Optional[dict]], models: Sequence[str] = ()) -> dict[str, int]:
+    """Running requests per stage, keyed `stage`; with several `models`, `model/stage` (the model
+    a stage stamped on the progress; a request no stage has reported yet counts at the first
+    model's text encoder)."""
+    if len(models) < 2:
+        depths = dict.fromkeys(STAGES, 0)
+    else:
+        depths = {f"{m}/{s}": 0 for m in models for s in STAGES}
     for progress in progresses:
         stage = stage_of(progress)
-        if stage is not None:
-            depths[stage] += 1
+        if stage is None:
+            continue
+        if len(models) >= 2:
+            model = (progress or {}).get("model")
+            stage = f"{model if model in models else models[0]}/{stage}"
+        depths[stage] += 1
     return depths
+
+
+def stage_keys(config) -> dict[str, str]:
+    """/v1/status `stages` key -> deployment: `stage` for one model, `model/stage` for several."""
+    names = stage_deployments(config)
+    if len(config.views()) == 1:
+        return {stage: name for name, (_, stage) in names.items()}
+    return {f"{model}/{stage}": name for name, (model, stage) in names.items()}
 
 
 def _name(value) -> str:
@@ -128,12 +146,13 @@ def app_status(
     counts: Mapping[str, int],
     load,
     message: str = "",
+    keys: Optional[Mapping[str, str]] = None,
 ) -> AppStatus:
     """Assemble the response. `serve_app`: this application's entry of `serve_deployments` (None:
-    unknown); `load`: the store's `Load`."""
+    unknown); `load`: the store's `Load`; `keys`: stage key -> deployment (`stage_keys`)."""
     deployments = dict(serve_app["deployments"]) if serve_app else {}
     stages = {}
-    for stage, name in STAGE_DEPLOYMENTS.items():
+    for stage, name in (keys or STAGE_DEPLOYMENTS).items():
         state = deployment_state(name, deployments.pop(name, None))
         stages[stage] = StageState(**state.model_dump(), queue_depth=depths.get(stage, 0))
     return AppStatus(
@@ -221,5 +240,8 @@ def add_status_routes(app: FastAPI, ctx: ApiContext) -> None:
             )
         except Exception as exc:  # noqa: BLE001 - report the rest without Serve's part
             message = f"serve.status() failed: {type(exc).__name__}"
-        body = app_status(application, serve_app, stage_depths(progress), counts, load, message)
+        depths = stage_depths(progress, list(ctx.config.views()))
+        body = app_status(
+            application, serve_app, depths, counts, load, message, stage_keys(ctx.config)
+        )
         return JSONResponse(body.model_dump())

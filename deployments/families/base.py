@@ -40,15 +40,29 @@ class TokenizedPrompts:
 class EncodedPrompts:
     prompt_embeds: "torch.Tensor"  # (batch, seq, dim)
     pooled_prompt_embeds: Optional["torch.Tensor"]  # (batch, dim) or None
+    prompt_attention_mask: Optional["torch.Tensor"] = None  # (batch, seq), families that use one
 
 
 @dataclass(frozen=True)
 class DenoiseInputs:
-    """One same-key batch for the transformer: rows of embeddings, one seed per row."""
+    """One same-key batch for the transformer: rows of embeddings, one seed per row.
+
+    With classifier-free guidance (a family whose spec has `cfg`, and guidance_scale > 1) every
+    row also has its negative prompt's embeddings (`negative_*`, the embeddings of "" when the
+    request gave none, as diffusers does); without it they are None. Names follow diffusers'
+    pipeline keyword arguments."""
 
     prompt_embeds: "torch.Tensor"
     pooled_prompt_embeds: Optional["torch.Tensor"]
     sampling: SamplingParams  # `seeds`: one per row, in row order
+    prompt_attention_mask: Optional["torch.Tensor"] = None
+    negative_prompt_embeds: Optional["torch.Tensor"] = None
+    negative_pooled_prompt_embeds: Optional["torch.Tensor"] = None
+    negative_prompt_attention_mask: Optional["torch.Tensor"] = None
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self.negative_prompt_embeds is not None
 
 
 class DenoiseRun(Protocol):
@@ -65,6 +79,14 @@ class ParallelContext:
 
     ulysses_degree: int
     engine_config: Any  # xfuser's EngineConfig
+    ring_degree: int = 1
+    # 2: classifier-free guidance split over two ranks (the unconditional branch on CFG rank 0,
+    # the conditional one on CFG rank 1), each an SP group of ulysses x ring ranks.
+    cfg_degree: int = 1
+
+    @property
+    def sp_degree(self) -> int:
+        return self.ulysses_degree * self.ring_degree
 
 
 class TextEncoding(Protocol):

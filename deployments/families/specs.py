@@ -21,6 +21,16 @@ class FamilySpec:
     # Import path of the family's torch-free device memory model (`read_configs`, `denoise_bytes`,
     # `decode_bytes`; see `deployments.families.flux_memory`), used by the memory budget checks.
     memory_model: Optional[str] = None
+    # diffusers pipeline classes (`_class_name` in a checkpoint's model_index.json) of the family:
+    # how a checkpoint's family is found when the config does not name it.
+    pipelines: tuple[str, ...] = ()
+    # Whether guidance_scale > 1 means classifier-free guidance: a negative prompt branch (empty
+    # by default, as diffusers does) run beside the prompt. FLUX.1 is guidance-distilled: its
+    # guidance is an input of the transformer, and it takes no negative prompt.
+    cfg: bool = False
+    # diffusers' defaults for the family's pipeline __call__, used where the config gives none.
+    default_guidance_scale: float = 3.5
+    default_max_sequence_length: int = 512
 
     @property
     def builtin_model(self) -> Optional[str]:
@@ -34,6 +44,29 @@ _SPECS = (
         module="deployments.families.flux",
         tiny_builder="deployments.tiny.flux:build_tiny_flux",
         memory_model="deployments.families.flux_memory",
+        pipelines=("FluxPipeline",),
+        default_guidance_scale=3.5,
+        default_max_sequence_length=512,
+    ),
+    FamilySpec(
+        name="sd3",
+        size_multiple=16,
+        module="deployments.families.sd3",
+        tiny_builder="deployments.tiny.sd3:build_tiny_sd3",
+        pipelines=("StableDiffusion3Pipeline",),
+        cfg=True,
+        default_guidance_scale=7.0,
+        default_max_sequence_length=256,
+    ),
+    FamilySpec(
+        name="pixart",
+        size_multiple=16,
+        module="deployments.families.pixart",
+        tiny_builder="deployments.tiny.pixart:build_tiny_pixart",
+        pipelines=("PixArtSigmaPipeline",),
+        cfg=True,
+        default_guidance_scale=4.5,
+        default_max_sequence_length=300,
     ),
 )
 
@@ -47,6 +80,14 @@ def family_spec(name: str) -> FamilySpec:
         if spec.name == name:
             return spec
     raise KeyError(f"unknown model family {name!r}; known: {list(family_names())}")
+
+
+def family_of_pipeline(class_name: str) -> Optional[str]:
+    """The family whose pipeline class is `class_name` (model_index.json's `_class_name`)."""
+    for spec in _SPECS:
+        if class_name in spec.pipelines:
+            return spec.name
+    return None
 
 
 def load_family(name: str):

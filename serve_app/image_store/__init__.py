@@ -43,7 +43,7 @@ def open_image_store(config: "AppConfig") -> ImageStore:
         s3 = settings.s3
         return S3ImageStore(
             bucket=s3.bucket,
-            prefix=default_s3_prefix(config.model.name) if s3.prefix is None else s3.prefix,
+            prefix=default_s3_prefix(config.store_key) if s3.prefix is None else s3.prefix,
             endpoint_url=s3.endpoint_url,
             region=s3.region,
             create_bucket=s3.create_bucket,

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from deployments.denoiser import deployment_options as denoiser_options
 from deployments.stage import batching_options
-from serve_app.app import build_app, build_graph, check_overrides
+from serve_app.app import stage_deployments, build_app, build_graph, check_overrides
 from serve_app.config import AppConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,17 +50,23 @@ def test_bad_args_are_rejected_with_a_message(args, needle):
 def test_shipped_configs_validate_and_build(path):
     for app in applications(path):
         assert app["import_path"] == "serve_app.app:build_app"
-        AppConfig.model_validate(app["args"])
         config = AppConfig.model_validate(app["args"])
         ingress = build_app(app["args"])._bound_deployment
         assert ingress.name == "ImagesAPI"
-        stages = [a._bound_deployment for a in ingress.init_args[:3]]
-        assert [d.name for d in stages] == ["TextEncoder", "Denoiser", "VAEDecoder"]
-        for d, stage in zip(stages, [config.text_encoder, config.denoiser, config.vae_decoder]):
-            assert d.max_ongoing_requests == 2 * stage.batching.max_batch_size, d.name
-        assert stages[1].ray_actor_options["num_cpus"] == config.denoiser.replica_num_cpus
-        names = {d["name"] for d in app["deployments"]}
-        assert names == {"ImagesAPI", "TextEncoder", "Denoiser", "VAEDecoder"}
+        chains = ingress.init_args[0]
+        assert list(chains) == list(config.views())
+        names = {"ImagesAPI"}
+        for model, view in config.views().items():
+            stages = [a._bound_deployment for a in chains[model]]
+            suffix = config.deployment_suffix(model)
+            expected = [n + suffix for n in ("TextEncoder", "Denoiser", "VAEDecoder")]
+            assert [d.name for d in stages] == expected
+            names.update(expected)
+            for d, stage in zip(stages, [view.text_encoder, view.denoiser, view.vae_decoder]):
+                assert d.max_ongoing_requests == 2 * stage.batching.max_batch_size, d.name
+                assert d.init_args == (view,), d.name  # each stage gets its own model's config
+            assert stages[1].ray_actor_options["num_cpus"] == view.denoiser.replica_num_cpus
+        assert {d["name"] for d in app["deployments"]} == names
         for d in app["deployments"]:
             assert "autoscaling_config" in d, d["name"]
 
@@ -72,11 +78,8 @@ def test_batches_can_fill(path):
     for app in applications(path):
         config = AppConfig.model_validate(app["args"])
         overrides = {d["name"]: d for d in app["deployments"]}
-        for name, stage in [
-            ("TextEncoder", config.text_encoder),
-            ("Denoiser", config.denoiser),
-            ("VAEDecoder", config.vae_decoder),
-        ]:
+        for name, (model, kind) in stage_deployments(config).items():
+            stage = getattr(config.views()[model], kind)
             effective = overrides[name].get("max_ongoing_requests", batching_options(stage)["max_ongoing_requests"])
             assert effective >= stage.batching.max_batch_size, name
 
@@ -154,7 +157,7 @@ def test_overrides_that_would_break_the_app_are_refused(overrides, needle):
 def test_harmless_overrides_are_applied():
     overrides = {"TextEncoder": {"ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 64}}
     ingress = build_graph(AppConfig(), overrides)._bound_deployment
-    encoder = ingress.init_args[0]._bound_deployment
+    encoder = ingress.init_args[0]["tiny-flux"][0]._bound_deployment
     assert encoder.ray_actor_options["num_cpus"] == 0.5 and encoder.max_ongoing_requests == 64
     check_overrides(AppConfig(), {"Denoiser": {"autoscaling_config": {"max_replicas": 3}}})
 
@@ -174,8 +177,10 @@ def test_validate_config_reports_a_bad_override(tmp_path, capsys):
 @pytest.mark.parametrize(
     "model, needle",
     [
-        ({"family": "sd3"}, "unknown family 'sd3'"),
-        ({"path": "builtin:tiny-sd3"}, "unknown builtin model"),
+        ({"family": "sdxl"}, "unknown family 'sdxl'"),
+        ({"path": "builtin:tiny-sdxl"}, "unknown builtin model"),
+        ({"path": "builtin:tiny-sd3", "family": "flux"}, "builtin:tiny-sd3 is a sd3 model, not flux"),
+        ({"path": "org/some-model"}, "set model.family"),
     ],
 )
 def test_families_and_builtin_models_come_from_the_registry(model, needle):

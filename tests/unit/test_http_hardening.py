@@ -30,7 +30,8 @@ def build(tmp_path_factory):
         tmp = tmp_path_factory.mktemp("app")
         args = {**(args or {}), "jobs": {"store": {"path": str(tmp / "jobs.sqlite3")}}}
         args["image_store"] = {"directory": str(tmp / "images")}
-        replica = replica_class(None, None, None, AppConfig.model_validate(args))
+        config = AppConfig.model_validate(args)
+        replica = replica_class({name: (None, None, None) for name in config.views()}, config)
         return ingress.build_api(replica.ctx)
 
     return make

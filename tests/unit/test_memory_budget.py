@@ -17,7 +17,7 @@ FLUX_DEV = "black-forest-labs/FLUX.1-dev"  # a hub id: FLUX.1's architecture is 
 
 def args(budget=None, max_size=2048, batch=4, path=FLUX_DEV, **denoiser) -> dict:
     return {
-        "model": {"path": path, "dtype": "bfloat16"},
+        "model": {"path": path, "family": "flux", "dtype": "bfloat16"},
         "denoiser": {"memory_budget_gb": budget, "batching": {"max_batch_size": batch}, **denoiser},
         "vae_decoder": {"batching": {"max_batch_size": batch}},
         "limits": {"max_size": max_size, "max_n": min(4, batch)},

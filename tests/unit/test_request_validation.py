@@ -40,7 +40,8 @@ def plan(service, **body):
         ({"prompt": "x", "response_format": "png"}, "response_format"),
         ({"prompt": "x", "output_format": "gif"}, "output_format"),
         ({"prompt": "x", "output_compression": 101}, "output_compression"),
-        ({"prompt": "x", "negative_prompt": "dogs"}, "negative_prompt"),
+        ({"prompt": "x", "lora_scale": 0.5}, "lora_scale"),
+        ({"prompt": "x", "negative_prompt": 3}, "negative_prompt"),
     ],
 )
 def test_schema_errors_name_the_parameter(body, param):
@@ -142,8 +143,8 @@ def test_null_is_still_refused_where_a_value_is_required():
         parse_generation_request(b'{"prompt": null}')
     assert info.value.param == "prompt"
     with pytest.raises(InvalidParameter) as info:
-        parse_generation_request(b'{"prompt": "x", "negative_prompt": null}')
-    assert info.value.param == "negative_prompt"
+        parse_generation_request(b'{"prompt": "x", "mask": null}')
+    assert info.value.param == "mask"
 
 
 def test_size_auto_is_the_configured_default(service):
