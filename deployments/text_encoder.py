@@ -5,8 +5,8 @@ tokenizer shared between threads silently returns wrong token ids (tokenizers 0.
 T5 calls and 41 of 1,600 CLIP calls from 8 threads, seen 2026-11-22), so this is a
 correctness property, not only a crash guard.
 
-A request run with classifier-free guidance has its negative prompt encoded in the same pass, as
-one more row of the batch.
+A request run with classifier-free guidance also has its negative prompt encoded: the batch's
+negative prompts go through the encoders as a second batch, as diffusers' `encode_prompt` does.
 
 A batch that raises is run again prompt by prompt: only a prompt that fails alone gets a `Rejected`
 (its client error, or an internal error carrying its request id; the log has the rest).
@@ -71,55 +71,68 @@ class TextEncoder:
         )
 
     def _encode_sync(self, requests: list[EncodeRequest]) -> list:
-        """One tokenizer and encoder pass for the whole batch: every prompt, then the negative
-        prompts of the requests that run with classifier-free guidance, as extra rows."""
+        """One tokenizer and encoder pass for the batch's prompts, then one for the negative
+        prompts of the requests that run with classifier-free guidance: two batches, as diffusers'
+        `encode_prompt` encodes prompts and negative prompts (a request alone then gets exactly the
+        pipeline's embeddings)."""
         watch = Stopwatch("text_encoder")
-        texts = [r.prompt for r in requests]
-        negative_row: dict[int, int] = {}  # request -> row of its negative prompt
-        for i, r in enumerate(requests):
-            if r.negative_prompt is not None:
-                negative_row[i] = len(texts)
-                texts.append(r.negative_prompt)
-        tokens = self._encoding.tokenize(texts)
         results: list = [None] * len(requests)
-        for i, r in enumerate(requests):
-            for param, row in (("prompt", i), ("negative_prompt", negative_row.get(i))):
-                count = None if row is None else tokens.token_counts[row]
-                if results[i] is None and count is not None and count > self._max_tokens:
-                    results[i] = Rejected(
-                        r.request_id,
-                        InvalidParameter(
-                            f"{param} is {count} tokens long; this model accepts at most "
-                            f"{self._max_tokens} tokens",
-                            param,
-                        ),
-                    )
+        prompts = self._tokenize(requests, range(len(requests)), "prompt", results)
+        guided = [i for i, r in enumerate(requests) if r.negative_prompt is not None]
+        negatives = self._tokenize(requests, guided, "negative_prompt", results)
         keep = [i for i in range(len(requests)) if results[i] is None]
         if keep:
-            rows = keep + [negative_row[i] for i in keep if i in negative_row]
-            position = {row: n for n, row in enumerate(rows)}
-            ids = tuple(t[rows] for t in tokens.input_ids)
-            kept = type(tokens)(input_ids=ids, token_counts=tuple(tokens.token_counts[r] for r in rows))
-            encoded = self._encoding.encode_prompt(kept)
             trace = (watch.trace(len(requests)),)
-            for i in keep:
-                row, negative = position[i], position.get(negative_row.get(i, -1))
+            ids, encoded = self._encode(prompts, keep)
+            negative_rows = [i for i in keep if i in negatives[0]]
+            negative = self._encode(negatives, negative_rows)[1] if negative_rows else None
+            for row, i in enumerate(keep):
+                extra = {}
+                if i in negative_rows:
+                    extra = _rows_of(negative, negative_rows.index(i), "negative_")
                 results[i] = PromptEmbeddings(
                     request_id=requests[i].request_id,
                     input_ids=tuple(t[row].clone() for t in ids),
                     trace=trace,
                     **_rows_of(encoded, row, ""),
-                    **(_rows_of(encoded, negative, "negative_") if negative is not None else {}),
+                    **extra,
                 )
         logger.info(
             "text_encoder batch=%d negative=%d rejected=%d requests=%s %.3fs",
             len(requests),
-            len(negative_row),
+            len(guided),
             len(requests) - len(keep),
             [r.request_id for r in requests],
             watch.trace(len(requests)).seconds,
         )
         return results
+
+    def _tokenize(self, requests, members, param: str, results: list):
+        """({request index: row}, tokens) of `param` for `members`; a text over the token limit
+        gets its request a `Rejected` naming `param`."""
+        members = list(members)
+        if not members:
+            return {}, None
+        tokens = self._encoding.tokenize([getattr(requests[i], param) for i in members])
+        for i, count in zip(members, tokens.token_counts):
+            if count > self._max_tokens and results[i] is None:
+                results[i] = Rejected(
+                    requests[i].request_id,
+                    InvalidParameter(
+                        f"{param} is {count} tokens long; this model accepts at most"
+                        f" {self._max_tokens} tokens",
+                        param,
+                    ),
+                )
+        return {i: row for row, i in enumerate(members)}, tokens
+
+    def _encode(self, tokenized, members: list[int]):
+        """(input ids, encoded) of the rows of `members`, in that order."""
+        rows, tokens = tokenized
+        index = [rows[i] for i in members]
+        ids = tuple(t[index] for t in tokens.input_ids)
+        kept = type(tokens)(input_ids=ids, token_counts=tuple(tokens.token_counts[r] for r in index))
+        return ids, self._encoding.encode_prompt(kept)
 
 
 def _rows_of(encoded, row: int, prefix: str) -> dict:

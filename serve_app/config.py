@@ -668,6 +668,12 @@ class AppConfig(_Strict):
                 f" attention heads (Ulysses gives each rank whole heads): use one of {divisors},"
                 " or split further with ring_degree or cfg_degree"
             )
+        if dn.sp_degree > 1 and not family.sequence_parallel:
+            return (
+                f"denoiser.ulysses_degree x ring_degree = {dn.sp_degree}: sequence parallelism is"
+                f" not available for {family.name} yet (flux has it); split its two guidance"
+                " branches over two GPUs with cfg_degree: 2 instead"
+            )
         return None
 
     def _models_consistent(self) -> "AppConfig":

@@ -47,6 +47,16 @@ def compile_blocks(transformer) -> None:
         block.compile(dynamic=False)
 
 
+def normalised_rgb(latents: torch.Tensor) -> list[np.ndarray]:
+    """A preview from predicted clean latents (rows, channels, h, w): their first three channels,
+    each image stretched to 0-255, as uint8 (h, w, 3) at latent resolution."""
+    rgb = latents[:, :3].float()
+    low = rgb.amin(dim=(1, 2, 3), keepdim=True)
+    high = rgb.amax(dim=(1, 2, 3), keepdim=True)
+    rgb = ((rgb - low) / (high - low).clamp_min(1e-6) * 255).round().to(torch.uint8)
+    return [im.permute(1, 2, 0).cpu().numpy() for im in rgb]
+
+
 class TextEncoding:
     """CLIP-L (pooled) + T5 (sequence). Owns its tokenizers: never share one across threads."""
 
@@ -268,11 +278,7 @@ class Denoising:
         sigma = run.scheduler.sigmas[run.step_index].to(run.latents.device, torch.float32)
         x0 = run.latents[index].float() - sigma * run.noise_pred[index].float()
         x0 = FluxPipeline._unpack_latents(x0, run.height, run.width, self.vae_scale_factor)
-        rgb = x0[:, :3]
-        low = rgb.amin(dim=(1, 2, 3), keepdim=True)
-        high = rgb.amax(dim=(1, 2, 3), keepdim=True)
-        rgb = ((rgb - low) / (high - low).clamp_min(1e-6) * 255).round().to(torch.uint8)
-        return [im.permute(1, 2, 0).cpu().numpy() for im in rgb]
+        return normalised_rgb(x0)
 
     def finish(self, run: "FluxRun") -> torch.Tensor:
         return run.latents.cpu()

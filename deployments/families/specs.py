@@ -31,6 +31,8 @@ class FamilySpec:
     # diffusers' defaults for the family's pipeline __call__, used where the config gives none.
     default_guidance_scale: float = 3.5
     default_max_sequence_length: int = 512
+    # Whether the family's Denoising runs sequence parallelism (ulysses/ring) through xDiT.
+    sequence_parallel: bool = False
 
     @property
     def builtin_model(self) -> Optional[str]:
@@ -47,6 +49,7 @@ _SPECS = (
         pipelines=("FluxPipeline",),
         default_guidance_scale=3.5,
         default_max_sequence_length=512,
+        sequence_parallel=True,
     ),
     FamilySpec(
         name="sd3",

@@ -109,6 +109,10 @@ def test_a_long_negative_prompt_is_refused_naming_it():
             "multiples of 16",
         ),
         ({"denoiser": {"cfg_degree": 2}}, "cfg_degree 2 needs a model with classifier-free guidance"),
+        (
+            {"model": {"path": "builtin:tiny-pixart"}, "denoiser": {"ulysses_degree": 2}},
+            "not available for pixart yet",
+        ),
     ],
 )
 def test_bad_model_layouts_are_refused(args, needle):
@@ -118,10 +122,12 @@ def test_bad_model_layouts_are_refused(args, needle):
 
 def test_cfg_degree_doubles_the_workers_not_the_bands():
     config = AppConfig.model_validate(
-        {"model": {"path": "builtin:tiny-sd3"}, "denoiser": {"cfg_degree": 2, "ulysses_degree": 2}}
+        {"model": {"path": "builtin:tiny-sd3"}, "denoiser": {"cfg_degree": 2}}
     )
-    assert config.denoiser.world_size == 4 and config.denoiser.sp_degree == 2
-    assert config.height_multiple == 32
+    assert config.denoiser.world_size == 2 and config.denoiser.sp_degree == 1
+    assert config.height_multiple == 16
+    flux = AppConfig.model_validate({"denoiser": {"ulysses_degree": 2}})
+    assert flux.denoiser.world_size == 2 and flux.height_multiple == 32
 
 
 def write_checkpoint(root, pipeline: str, heads: int):
@@ -141,7 +147,8 @@ def test_the_family_comes_from_the_checkpoint(tmp_path):
 
 
 def test_ulysses_must_divide_the_heads_the_rule_is_named(tmp_path):
-    """SD3.5-large has 38 heads: Ulysses 4 cannot split them."""
+    """SD3.5-large has 38 heads: Ulysses 4 cannot split them (checked before whether the family
+    has sequence parallelism at all, so the message says which degrees could)."""
     path = write_checkpoint(tmp_path / "large", "StableDiffusion3Pipeline", 38)
     args = {"model": {"path": path}, "denoiser": {"ulysses_degree": 4, "worker_num_gpus": 1}}
     with pytest.raises(ValidationError) as info:
@@ -149,7 +156,8 @@ def test_ulysses_must_divide_the_heads_the_rule_is_named(tmp_path):
     message = str(info.value)
     assert "ulysses_degree 4 must divide the transformer's 38 attention heads" in message
     assert "[1, 2, 19, 38]" in message
-    args["denoiser"]["ulysses_degree"] = 2
+    flux = write_checkpoint(tmp_path / "flux", "FluxPipeline", 38)
+    args = {"model": {"path": flux}, "denoiser": {"ulysses_degree": 2, "worker_num_gpus": 1}}
     assert AppConfig.model_validate(args).denoiser.sp_degree == 2
 
 
