@@ -7,7 +7,8 @@ empty negative prompt, as both sides default to):
      (median of --solo after a warm-up) and step time (median gap between the pipeline's
      per-step callbacks);
   2. the Serve app over HTTP, one request at a time: latency and the denoiser stage's time per
-     step (its Server-Timing duration / steps, set-up included);
+     step (its Server-Timing duration / steps, set-up included), and the worker's own step time
+     (an async job's `step` events);
   3. with --throughput: images/s with --concurrency requests in flight, batching as configured
      and batching off (every max_batch_size 1), same load.
 Replica counts are fixed at 1; API keys are dropped (the server listens on 127.0.0.1 only).
@@ -115,6 +116,26 @@ def service_solo(url, width, height, steps, guidance, solo):
     return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
+def worker_step(url, width, height, steps, guidance) -> float:
+    """Median `seconds` of an async job's `step` events: rank 0's own time per step, without the
+    replica's calls around it."""
+    import requests
+
+    body = {"prompt": PROMPTS[0], "seed": 99, "size": f"{width}x{height}", "num_inference_steps": steps,
+            "guidance_scale": guidance}
+    job = requests.post(f"{url}/v1/images/jobs", json=body, timeout=60).json()
+    seconds, event = [], None
+    with requests.get(job["events_url"], stream=True, timeout=600) as r:
+        for line in r.iter_lines(decode_unicode=True):
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and event == "step":
+                seconds.append(json.loads(line.split(":", 1)[1])["seconds"])
+            elif line.startswith("data:") and event in ("completed", "failed", "cancelled"):
+                break
+    return statistics.median(seconds)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True)
@@ -171,8 +192,17 @@ def main() -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = deploy(args, options, port)
     slat, sstep = service_solo(url, width, height, ns.steps, guidance, ns.solo)
-    figures.update(service_s=slat, service_step_s=sstep)
-    print(f"service: {slat:.3f} s/request, {sstep * 1000:.1f} ms/step (denoiser stage)", flush=True)
+    try:
+        wstep = worker_step(url, width, height, ns.steps, guidance)
+    except Exception as exc:  # noqa: BLE001 - the other figures still stand
+        print(f"worker step time unavailable: {exc!r}", flush=True)
+        wstep = float("nan")
+    figures.update(service_s=slat, service_step_s=sstep, service_worker_step_s=wstep)
+    print(
+        f"service: {slat:.3f} s/request, {sstep * 1000:.1f} ms/step (denoiser stage),"
+        f" {wstep * 1000:.1f} ms/step (worker)",
+        flush=True,
+    )
     if ns.throughput:
         _, tput, batches = measure_service(url, width, height, ns.steps, 1, ns.requests, ns.concurrency)
         figures.update(batched_images_per_s=tput, batched_batches=batches)
