@@ -47,6 +47,23 @@ def compile_blocks(transformer) -> None:
         block.compile(dynamic=False)
 
 
+def t5_tokens(tokenizer, prompts: list[str], limit: int):
+    """(padded ids and attention mask, each prompt's token count) in one T5 pass: untruncated ids
+    give each prompt's length (specials included); padding them to `limit` is what the pipelines'
+    padding="max_length", truncation=True call produces for every prompt that fits. Longer prompts
+    are cut only to keep the tensor rectangular: the text encoder stage refuses them by their count
+    and never encodes them."""
+    untruncated = tokenizer(prompts).input_ids
+    padded = tokenizer.pad(
+        {"input_ids": [ids[:limit] for ids in untruncated]},
+        padding="max_length",
+        max_length=limit,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    return padded, tuple(len(ids) for ids in untruncated)
+
+
 def normalised_rgb(latents: torch.Tensor) -> list[np.ndarray]:
     """A preview from predicted clean latents (rows, channels, h, w): their first three channels,
     each image stretched to 0-255, as uint8 (h, w, 3) at latent resolution."""
@@ -86,20 +103,8 @@ class TextEncoding:
             return_length=False,
             return_tensors="pt",
         ).input_ids
-        # One T5 pass: untruncated ids give each prompt's length; padding them to
-        # max_sequence_length is what FluxPipeline's padding="max_length" call produces for every
-        # prompt that fits. Longer prompts are cut only to keep the tensor rectangular: the text
-        # encoder rejects them by their count and never encodes them.
-        untruncated = self.tokenizer_2(prompts).input_ids
-        limit = self.max_sequence_length
-        t5_ids = self.tokenizer_2.pad(
-            {"input_ids": [ids[:limit] for ids in untruncated]},
-            padding="max_length",
-            max_length=limit,
-            return_tensors="pt",
-        ).input_ids
-        counts = tuple(len(ids) for ids in untruncated)
-        return TokenizedPrompts(input_ids=(clip_ids, t5_ids), token_counts=counts)
+        t5, counts = t5_tokens(self.tokenizer_2, prompts, self.max_sequence_length)
+        return TokenizedPrompts(input_ids=(clip_ids, t5.input_ids), token_counts=counts)
 
     @torch.no_grad()
     def encode_prompt(self, tokens: TokenizedPrompts) -> EncodedPrompts:

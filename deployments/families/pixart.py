@@ -33,6 +33,7 @@ from deployments.families.base import (
     TokenizedPrompts,
     torch_dtype,
 )
+from deployments.families.flux import t5_tokens
 from deployments.families.guidance import guided_prediction
 from deployments.sampling import SamplingParams
 
@@ -56,20 +57,8 @@ class TextEncoding:
         ).to(self.device).eval()
 
     def tokenize(self, prompts: list[str]) -> TokenizedPrompts:
-        # As flux.py: one pass; untruncated lengths for the limit, then max_length padding.
-        untruncated = self.tokenizer([caption(p) for p in prompts]).input_ids
-        limit = self.max_sequence_length
-        padded = self.tokenizer.pad(
-            {"input_ids": [ids[:limit] for ids in untruncated]},
-            padding="max_length",
-            max_length=limit,
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
-        return TokenizedPrompts(
-            input_ids=(padded.input_ids, padded.attention_mask),
-            token_counts=tuple(len(ids) for ids in untruncated),
-        )
+        padded, counts = t5_tokens(self.tokenizer, [caption(p) for p in prompts], self.max_sequence_length)
+        return TokenizedPrompts(input_ids=(padded.input_ids, padded.attention_mask), token_counts=counts)
 
     @torch.no_grad()
     def encode_prompt(self, tokens: TokenizedPrompts) -> EncodedPrompts:

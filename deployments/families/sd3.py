@@ -29,6 +29,7 @@ from deployments.families.base import (
     TokenizedPrompts,
     torch_dtype,
 )
+from deployments.families.flux import t5_tokens
 from deployments.families.guidance import guided_prediction
 from deployments.sampling import SamplingParams
 
@@ -61,17 +62,8 @@ class TextEncoding:
             tok(prompts, padding="max_length", max_length=self.clip_max_length, truncation=True, return_tensors="pt").input_ids
             for tok in (self.tokenizer, self.tokenizer_2)
         ]
-        # One T5 pass, as in flux.py: untruncated ids give each prompt's length; padded to
-        # max_sequence_length they are what the pipeline's padding="max_length" call gives.
-        untruncated = self.tokenizer_3(prompts).input_ids
-        limit = self.max_sequence_length
-        t5_ids = self.tokenizer_3.pad(
-            {"input_ids": [ids[:limit] for ids in untruncated]},
-            padding="max_length",
-            max_length=limit,
-            return_tensors="pt",
-        ).input_ids
-        return TokenizedPrompts(input_ids=(*clip, t5_ids), token_counts=tuple(len(i) for i in untruncated))
+        t5, counts = t5_tokens(self.tokenizer_3, prompts, self.max_sequence_length)
+        return TokenizedPrompts(input_ids=(*clip, t5.input_ids), token_counts=counts)
 
     @torch.no_grad()
     def encode_prompt(self, tokens: TokenizedPrompts) -> EncodedPrompts:

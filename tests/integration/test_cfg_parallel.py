@@ -113,15 +113,7 @@ def test_a_row_dropped_mid_run_on_both_ranks(groups):
 def _row(batch, i: int):
     from dataclasses import replace
 
-    fields = {
-        name: None if getattr(batch, name) is None else getattr(batch, name)[i : i + 1]
-        for name in (
-            "prompt_embeds",
-            "pooled_prompt_embeds",
-            "prompt_attention_mask",
-            "negative_prompt_embeds",
-            "negative_pooled_prompt_embeds",
-            "negative_prompt_attention_mask",
-        )
-    }
+    from deployments.denoise_loop import ROW_TENSORS
+
+    fields = {name: None if getattr(batch, name) is None else getattr(batch, name)[i : i + 1] for name in ROW_TENSORS}
     return replace(batch, **fields, sampling=batch.sampling.with_seeds((batch.sampling.seeds[i],)))
