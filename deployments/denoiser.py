@@ -27,13 +27,14 @@ import ray
 from ray import serve
 
 from deployments import events
+from deployments.batcher import StageBatcher
 from deployments.batching import denoise_key, group_by, images_in
 from deployments.denoise_loop import STAGE, DenoiseItem
 from deployments.denoise_split import run_splitting
 from deployments.errors import StageFailure, Unavailable
 from deployments.memory_budget import replica_error
 from deployments.payloads import Cancelled, GenerationSpec, Latents, PromptEmbeddings, Rejected, passes_through
-from deployments.runtime import Stopwatch, configure_batching, logger, raise_if_error
+from deployments.runtime import Stopwatch, logger, raise_if_error
 from deployments.sp_group import WorkerGroup, WorkerGroupBroken, bundle_resources
 from deployments.stage import batching_options, open_progress
 
@@ -101,7 +102,7 @@ class Denoiser:
         self._group.warm_up(config.warmup_shapes, WARMUP_STEPS, dn.worker_call_timeout_s)
         self._watcher = None
         self._retiring = False
-        configure_batching(self._denoise_batch, dn.batching)
+        self._batcher = StageBatcher.from_config(self._denoise_batch, dn.batching, images_in)
 
     async def denoise(self, embeddings: PromptEmbeddings | Any, spec: GenerationSpec):
         """Latents, or the `Rejected`/`Cancelled` value that reached this stage instead."""
@@ -109,7 +110,7 @@ class Denoiser:
             return embeddings
         try:
             with self._progress.metrics.in_stage():  # the queue depth gauge
-                return raise_if_error(await self._denoise_batch(DenoiseItem(spec, embeddings)))
+                return raise_if_error(await self._batcher.submit(DenoiseItem(spec, embeddings)))
         except asyncio.CancelledError:
             # Serve cancelled this call (its caller went away): stop the row at the next step.
             self._progress.stop_locally(spec.request_id)
@@ -140,7 +141,6 @@ class Denoiser:
         self._group.shutdown()
         asyncio.get_running_loop().call_later(RETIRE_DELAY_S, _exit_replica)
 
-    @serve.batch(batch_size_fn=images_in)
     async def _denoise_batch(self, items: list[DenoiseItem]) -> list:
         results: list = [None] * len(items)
         for members in group_by(items, lambda it: denoise_key(it.spec)):

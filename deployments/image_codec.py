@@ -8,13 +8,14 @@ from typing import Optional
 MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
-def encode_image(image, fmt: str, compression: Optional[int] = None) -> bytes:
+def encode_image(image, fmt: str, compression: Optional[int] = None, png_level: int = 6) -> bytes:
     """`compression` is OpenAI's `output_compression` (0-100, jpeg/webp only; PNG is lossless).
     As with OpenAI's API, where its default is 100, it acts as the encoder's quality setting:
-    100 is the best image, lower values give smaller files. Default: quality 95."""
+    100 is the best image, lower values give smaller files. Default: quality 95. `png_level` is
+    zlib's level for PNG (0-9; the server's setting, not the request's: the pixels are the same)."""
     buf = io.BytesIO()
     if fmt == "png":
-        image.save(buf, format="PNG")
+        image.save(buf, format="PNG", compress_level=png_level)
     elif fmt in ("jpeg", "webp"):
         quality = 95 if compression is None else max(1, compression)
         image.convert("RGB").save(buf, format=fmt.upper(), quality=quality)

@@ -33,13 +33,6 @@ def configure_torch(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def configure_batching(batch_method, batching) -> None:
-    """Apply a stage's batching config to its `@serve.batch` method (the decorator's values are
-    placeholders; the YAML decides)."""
-    batch_method.set_max_batch_size(batching.max_batch_size)
-    batch_method.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
-
-
 def load_role(config, stage, role: str):
     """Set this process up for a stage and load the family's `role` class on its device.
     Returns (model, device)."""
@@ -51,16 +44,28 @@ def load_role(config, stage, role: str):
     return model, device
 
 
-def load_spec(config, device: str, compile_blocks: bool = False) -> LoadSpec:
-    """How this process loads its role of the configured model (builtin models made here)."""
+def load_spec(config, device: str, denoiser: bool = False) -> LoadSpec:
+    """How this process loads its role of the configured model (builtin models made here); the
+    denoiser's role also gets its speed knobs."""
     from deployments.tiny.store import resolve_model_path
 
+    knobs = {}
+    if denoiser:
+        dn = config.denoiser
+        knobs = dict(
+            compile_blocks=dn.compile_blocks,
+            cuda_graphs=dn.cuda_graphs,
+            batch_buckets=config.transformer_buckets,
+            attention_backend=dn.attention_backend,
+            quantization=dn.quantization,
+            step_cache=dn.step_cache.model_dump() if dn.step_cache else None,
+        )
     return LoadSpec(
         path=resolve_model_path(config.model.path),
         dtype=config.model.dtype,
         device=device,
         max_sequence_length=config.model.max_sequence_length,
-        compile_blocks=compile_blocks,
+        **knobs,
     )
 
 
@@ -85,7 +90,7 @@ class Stopwatch:
 
 
 def raise_if_error(result):
-    """`@serve.batch` delivers an exception returned in a slot as a value: raise it per request."""
+    """A batch delivers an exception returned in a slot as a value: raise it per request."""
     if isinstance(result, BaseException):
         raise result
     return result

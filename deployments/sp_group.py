@@ -117,7 +117,7 @@ class DenoiseWorker:
         dn = self._config.denoiser
         configure_torch(dn.torch_threads)
         device = stage_device(dn.device)
-        spec = load_spec(self._config, device, compile_blocks=dn.compile_blocks)
+        spec = load_spec(self._config, device, denoiser=True)
         parallel = None
         if dn.world_size > 1:
             from deployments.sp_runtime import init_rank

@@ -19,13 +19,13 @@ from typing import Any
 
 from ray import serve
 
+from deployments.batcher import StageBatcher
 from deployments.batching import isolate_failures, rejected_alone
 from deployments.errors import InvalidParameter
 from deployments.payloads import Cancelled, EncodeRequest, PromptEmbeddings, Rejected
 from deployments.runtime import (
     SerialExecutor,
     Stopwatch,
-    configure_batching,
     load_role,
     logger,
     raise_if_error,
@@ -46,16 +46,15 @@ class TextEncoder:
         self._max_tokens = config.model.max_sequence_length
         self._executor = SerialExecutor("text-encoder")
         self._progress = open_progress(config, STAGE)
-        configure_batching(self._encode_batch, config.text_encoder.batching)
+        self._batcher = StageBatcher.from_config(self._encode_batch, config.text_encoder.batching)
 
     async def encode(self, request: EncodeRequest) -> PromptEmbeddings | Rejected | Cancelled:
         with self._progress.metrics.in_stage():  # the queue depth gauge
-            return raise_if_error(await self._encode_batch(request))
+            return raise_if_error(await self._batcher.submit(request))
 
     async def ready(self) -> dict:
         return {"stage": STAGE, "device": self._device, "pid": os.getpid()}
 
-    @serve.batch()
     async def _encode_batch(self, requests: list[EncodeRequest]) -> list:
         return await self._progress.run_batch(
             requests,

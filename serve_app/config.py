@@ -112,7 +112,13 @@ class BatchingConfig(_Strict):
         8, ge=1, le=256, description="Most items in one batch (images for the denoiser)."
     )
     batch_wait_timeout_s: float = Field(
-        0.01, ge=0.0, le=10.0, description="How long a batch waits to fill after its first item."
+        0.0,
+        ge=0.0,
+        le=10.0,
+        description=(
+            "How long an item that reaches an idle stage waits for others to batch with (0: it"
+            " runs at once). Items that queue while a batch runs join the next batch with no wait."
+        ),
     )
 
 
@@ -123,6 +129,54 @@ class StageConfig(_Strict):
     )
     torch_threads: Optional[int] = Field(
         None, ge=1, le=256, description="torch intra-op threads in this stage's processes."
+    )
+
+
+ATTENTION_BACKENDS = (
+    "native",
+    "_native_cudnn",
+    "_native_efficient",
+    "_native_flash",
+    "flash",
+    "_flash_3",
+    "flex",
+    "sage",
+    "xformers",
+)
+
+
+class StepCacheConfig(_Strict):
+    kind: Literal["first_block", "taylorseer"] = Field(
+        description=(
+            "first_block: diffusers' first-block cache (skip the other blocks while the first"
+            " block's output barely changes); taylorseer: diffusers' TaylorSeer cache (full"
+            " steps every `interval`, forecast in between)."
+        )
+    )
+    threshold: float = Field(
+        0.05, gt=0.0, le=1.0, description="first_block: the relative change below which a step is skipped."
+    )
+    interval: int = Field(5, ge=2, le=50, description="taylorseer: a full step every `interval` steps.")
+
+
+class VAEDecoderConfig(StageConfig):
+    encode_threads: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description=(
+            "Threads that encode decoded images (png/jpeg/webp), off the decode thread: the next"
+            " batch decodes while the last one's images compress."
+        ),
+    )
+    png_compress_level: int = Field(
+        6,
+        ge=0,
+        le=9,
+        description=(
+            "zlib level for PNG output: 6 is PIL's default; 1 encodes faster for larger files;"
+            " 0 stores uncompressed. The pixels are the same at every level."
+        ),
     )
 
 
@@ -164,6 +218,36 @@ class DenoiserConfig(StageConfig):
         False,
         description="torch.compile every transformer block (slower start, faster steps on GPU).",
     )
+    cuda_graphs: bool = Field(
+        False,
+        description=(
+            "With compile_blocks: compile in 'reduce-overhead' mode (CUDA graphs), fewer kernel"
+            " launches per step for more device memory per warmed shape. GPU only."
+        ),
+    )
+    attention_backend: Optional[Literal[ATTENTION_BACKENDS]] = Field(  # type: ignore[valid-type]
+        None,
+        description=(
+            "diffusers' attention backend for the transformer (e.g. flash, _flash_3 on Hopper,"
+            " sage); its package must be installed. Default: PyTorch's SDPA. Not with SP (xDiT"
+            " runs attention then)."
+        ),
+    )
+    quantization: Optional[Literal["fp8"]] = Field(
+        None,
+        description=(
+            "fp8: torchao's dynamic float8 activations and weights for the transformer's linear"
+            " layers (GPU of compute capability 8.9+, `pip install dit-serve[speed]`). Faster,"
+            " half the weight memory, small numeric drift (docs/benchmarks.md)."
+        ),
+    )
+    step_cache: Optional[StepCacheConfig] = Field(
+        None,
+        description=(
+            "Skip or forecast transformer work between steps with diffusers' cache hooks. Lossy,"
+            " opt-in; a batch decides together, so an image can depend on its batch-mates."
+        ),
+    )
     warmup_sizes: Optional[tuple[str, ...]] = Field(
         None,
         max_length=16,
@@ -172,14 +256,25 @@ class DenoiserConfig(StageConfig):
             " requests (CUDA kernels, NCCL communicators). Default: defaults.size; [] for none."
         ),
     )
-    warmup_batch_sizes: tuple[Annotated[int, Field(ge=1, le=256)], ...] = Field(
-        (1,),
+    warmup_batch_sizes: Optional[tuple[Annotated[int, Field(ge=1, le=256)], ...]] = Field(
+        None,
         max_length=16,
         description=(
-            "Batch sizes (images) each warm-up size runs with. With compile_blocks every new"
-            " (batch, size) compiles once: list the batches your load forms."
+            "Batch sizes (images) each warm-up size runs with. With compile_blocks they are also"
+            " the buckets a live batch is padded up to, so no request waits for a compile."
+            " Default: 1; with compile_blocks, the powers of two below batching.max_batch_size"
+            " and max_batch_size itself."
         ),
     )
+
+    @property
+    def warmup_batches(self) -> tuple[int, ...]:
+        if self.warmup_batch_sizes is not None:
+            return self.warmup_batch_sizes
+        if not self.compile_blocks:
+            return (1,)
+        top = self.batching.max_batch_size
+        return tuple(sorted({2**i for i in range(top.bit_length()) if 2**i < top} | {top}))
     memory_budget_gb: Optional[float] = Field(
         None,
         gt=0.0,
@@ -497,6 +592,26 @@ class HttpConfig(_Strict):
     )
 
 
+def _speed_knob_error(dn: DenoiserConfig) -> Optional[str]:
+    if dn.cuda_graphs and not dn.compile_blocks:
+        return "denoiser.cuda_graphs needs denoiser.compile_blocks: true (CUDA graphs are captured from compiled blocks)"
+    if dn.cuda_graphs and dn.device == "cpu":
+        return "denoiser.cuda_graphs needs a GPU (denoiser.device is cpu)"
+    if dn.quantization and dn.device == "cpu":
+        return f"denoiser.quantization {dn.quantization} needs a GPU of compute capability 8.9+ (denoiser.device is cpu)"
+    if dn.world_size > 1 and dn.attention_backend:
+        return (
+            "denoiser.attention_backend applies to one GPU per replica; with ulysses, ring or cfg"
+            " degrees above 1, xDiT runs attention (leave attention_backend unset)"
+        )
+    if dn.world_size > 1 and dn.step_cache:
+        return (
+            "denoiser.step_cache needs one rank per replica: with several, each rank would decide"
+            " to skip steps from its own part of the work and the ranks would fall out of step"
+        )
+    return None
+
+
 class ModelEntry(_Strict):
     """One model of an application serving several (`models:`): its own checkpoint and, where
     given, its own stage, limits and defaults blocks (else the application's)."""
@@ -504,7 +619,7 @@ class ModelEntry(_Strict):
     model: ModelConfig
     text_encoder: Optional[StageConfig] = None
     denoiser: Optional["DenoiserConfig"] = None
-    vae_decoder: Optional[StageConfig] = None
+    vae_decoder: Optional[VAEDecoderConfig] = None
     limits: Optional[LimitsConfig] = None
     defaults: Optional[DefaultsConfig] = None
 
@@ -533,7 +648,7 @@ class AppConfig(_Strict):
     )
     text_encoder: StageConfig = StageConfig()
     denoiser: DenoiserConfig = DenoiserConfig()
-    vae_decoder: StageConfig = StageConfig()
+    vae_decoder: VAEDecoderConfig = VAEDecoderConfig()
     limits: LimitsConfig = LimitsConfig()
     defaults: DefaultsConfig = DefaultsConfig()
     image_store: ImageStoreConfig = ImageStoreConfig()
@@ -613,8 +728,18 @@ class AppConfig(_Strict):
         sizes = self.denoiser.warmup_sizes
         sizes = (self.defaults.size,) if sizes is None else sizes
         return tuple(
-            (batch, *parse_size(s)) for s in sizes for batch in self.denoiser.warmup_batch_sizes
+            (batch, *parse_size(s)) for s in sizes for batch in self.denoiser.warmup_batches
         )
+
+    @property
+    def transformer_buckets(self) -> tuple[int, ...]:
+        """The transformer batch sizes warm-up compiles (images x guidance branches per rank);
+        empty unless compile_blocks, for only a compiled graph needs a fixed batch."""
+        dn = self.denoiser
+        if not dn.compile_blocks:
+            return ()
+        branches = 2 if family_spec(self.model.family).cfg and dn.cfg_degree == 1 else 1
+        return tuple(sorted({b * branches for b in dn.warmup_batches}))
 
     @model_validator(mode="after")
     def _consistent(self) -> "AppConfig":
@@ -626,7 +751,7 @@ class AppConfig(_Strict):
         for name in ("min_size", "max_size"):
             if getattr(lim, name) % m:
                 raise ValueError(f"limits.{name} must be a multiple of {m}")
-        if max(self.denoiser.warmup_batch_sizes, default=1) > self.denoiser.batching.max_batch_size:
+        if max(self.denoiser.warmup_batches, default=1) > self.denoiser.batching.max_batch_size:
             raise ValueError("denoiser.warmup_batch_sizes must not exceed its max_batch_size")
         for stage in ("denoiser", "vae_decoder"):  # their batches are weighed in images
             if lim.max_n > getattr(self, stage).batching.max_batch_size:
@@ -652,6 +777,14 @@ class AppConfig(_Strict):
     def _parallel_error(self) -> Optional[str]:
         """Why the denoiser's parallel layout cannot run this model, or None."""
         dn, family = self.denoiser, family_spec(self.model.family)
+        knob_error = _speed_knob_error(dn)
+        if knob_error:
+            return knob_error
+        if dn.step_cache and not family.step_cache:
+            return (
+                f"denoiser.step_cache: diffusers' cache hooks do not support {family.name}'s"
+                " transformer (flux has them)"
+            )
         if dn.cfg_degree == 2 and not family.cfg:
             return (
                 f"denoiser.cfg_degree 2 needs a model with classifier-free guidance (sd3, pixart);"

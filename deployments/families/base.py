@@ -26,7 +26,13 @@ class LoadSpec:
     dtype: str  # "float32" | "bfloat16" | "float16"
     device: str  # "cpu" | "cuda"
     max_sequence_length: int = 512
-    compile_blocks: bool = False  # torch.compile each transformer block (denoiser only)
+    # The denoiser's speed knobs (see deployments.families.speed); other roles leave them off.
+    compile_blocks: bool = False  # torch.compile each transformer block
+    cuda_graphs: bool = False  # compile in reduce-overhead mode
+    batch_buckets: tuple[int, ...] = ()  # transformer batches are padded up to one of these
+    attention_backend: Optional[str] = None
+    quantization: Optional[str] = None  # "fp8"
+    step_cache: Optional[dict] = None  # StepCacheConfig as a dict
 
 
 @dataclass(frozen=True)

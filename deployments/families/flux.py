@@ -24,6 +24,7 @@ from deployments.families.base import (
     TokenizedPrompts,
     torch_dtype,
 )
+from deployments.families.speed import apply_speed_knobs, cache_context, new_run, padded_call
 from deployments.sampling import SamplingParams
 
 
@@ -33,18 +34,6 @@ def vae_scale_factor(path: str) -> int:
 
     config = AutoencoderKL.load_config(path, subfolder="vae")
     return 2 ** (len(config["block_out_channels"]) - 1)
-
-
-def compile_blocks(transformer) -> None:
-    """torch.compile every transformer block, one static-shape graph per (batch, size): dynamic
-    shapes (torch's default after a second shape is seen, remembered across processes) lose much
-    of the gain. Each new shape compiles once (~10 s at FLUX.1-dev scale): warm common sizes up."""
-    import torch._dynamo
-
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    blocks = transformer.transformer_blocks, transformer.single_transformer_blocks
-    for block in (b for group in blocks for b in group):
-        block.compile(dynamic=False)
 
 
 def t5_tokens(tokenizer, prompts: list[str], limit: int):
@@ -147,8 +136,9 @@ class Denoising:
         self.transformer = transformer_cls.from_pretrained(
             load.path, subfolder="transformer", dtype=torch_dtype(load.dtype)
         ).to(self.device).eval()
-        if load.compile_blocks:
-            compile_blocks(self.transformer)
+        self.buckets = load.batch_buckets
+        blocks = [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
+        apply_speed_knobs(self.transformer, load, blocks)
         self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(
             load.path, subfolder="scheduler"
         )
@@ -233,6 +223,7 @@ class Denoising:
             guidance = torch.full([1], sampling.guidance_scale, device=self.device, dtype=torch.float32)
             guidance = guidance.expand(latents.shape[0])
         pipe.scheduler.set_begin_index(0)
+        new_run(self.transformer)
         return FluxRun(
             scheduler=pipe.scheduler,
             timesteps=timesteps,
@@ -252,21 +243,25 @@ class Denoising:
         """One iteration of `FluxPipeline.__call__`'s loop (no true CFG, no IP-adapter)."""
         if keep is not None:
             run.keep(keep)
+            new_run(self.transformer)
         t = run.timesteps[run.step_index]
         latents = run.latents
         timestep = t.expand(latents.shape[0]).to(latents.dtype)
-        with self.transformer.cache_context("cond"):
-            noise_pred = self.transformer(
-                hidden_states=latents,
-                timestep=timestep / 1000,
-                guidance=run.guidance,
-                pooled_projections=run.pooled_prompt_embeds,
-                encoder_hidden_states=run.prompt_embeds,
+        with cache_context(self.transformer):
+            noise_pred = padded_call(
+                self.transformer,
+                self.buckets,
+                {
+                    "hidden_states": latents,
+                    "timestep": timestep / 1000,
+                    "guidance": run.guidance,
+                    "pooled_projections": run.pooled_prompt_embeds,
+                    "encoder_hidden_states": run.prompt_embeds,
+                },
                 txt_ids=run.text_ids,
                 img_ids=run.image_ids,
                 joint_attention_kwargs={},
-                return_dict=False,
-            )[0]
+            )
         run.latents = run.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
         run.noise_pred = noise_pred
         run.step_index += 1

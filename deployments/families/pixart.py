@@ -35,6 +35,7 @@ from deployments.families.base import (
 )
 from deployments.families.flux import t5_tokens
 from deployments.families.guidance import guided_prediction
+from deployments.families.speed import apply_speed_knobs, cache_context, new_run, padded_call
 from deployments.sampling import SamplingParams
 
 
@@ -88,9 +89,8 @@ class Denoising:
         self.transformer = PixArtTransformer2DModel.from_pretrained(
             load.path, subfolder="transformer", dtype=torch_dtype(load.dtype)
         ).to(self.device).eval()
-        if load.compile_blocks:
-            for block in self.transformer.transformer_blocks:
-                block.compile(dynamic=False)
+        self.buckets = load.batch_buckets
+        apply_speed_knobs(self.transformer, load, self.transformer.transformer_blocks)
         self.scheduler_path = load.path
         self.scheduler_config = _scheduler_class(load.path).load_config(load.path, subfolder="scheduler")
         self.vae_scale_factor = vae_scale_factor(load.path)
@@ -137,6 +137,7 @@ class Denoising:
         def rows(tensor, as_dtype=dtype):
             return None if tensor is None else tensor.to(self.device, as_dtype)
 
+        new_run(self.transformer)
         return PixArtRun(
             scheduler=pipe.scheduler,
             step_kwargs=pipe.prepare_extra_step_kwargs(generators, 0.0),
@@ -153,14 +154,17 @@ class Denoising:
     def _forward(self, run: "PixArtRun", t):
         def forward(hidden_states, branch):
             hidden_states = run.scheduler.scale_model_input(hidden_states, t)
-            return self.transformer(
-                hidden_states,
-                encoder_hidden_states=branch["encoder_hidden_states"],
-                encoder_attention_mask=branch["encoder_attention_mask"],
-                timestep=t[None].to(hidden_states.device).expand(hidden_states.shape[0]),
+            return padded_call(
+                self.transformer,
+                self.buckets,
+                {
+                    "hidden_states": hidden_states,
+                    "encoder_hidden_states": branch["encoder_hidden_states"],
+                    "encoder_attention_mask": branch["encoder_attention_mask"],
+                    "timestep": t[None].to(hidden_states.device).expand(hidden_states.shape[0]),
+                },
                 added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-                return_dict=False,
-            )[0]
+            )
 
         return forward
 
@@ -169,6 +173,7 @@ class Denoising:
         """One iteration of `PixArtSigmaPipeline.__call__`'s loop."""
         if keep is not None:
             run.keep(keep)
+            new_run(self.transformer)
         t = run.timesteps[run.step_index]
         cond = {"encoder_hidden_states": run.prompt_embeds, "encoder_attention_mask": run.prompt_attention_mask}
         uncond = None
@@ -177,7 +182,10 @@ class Denoising:
                 "encoder_hidden_states": run.negative_prompt_embeds,
                 "encoder_attention_mask": run.negative_prompt_attention_mask,
             }
-        noise_pred = guided_prediction(self._forward(run, t), run.latents, cond, uncond, run.guidance_scale, self.parallel)
+        with cache_context(self.transformer):
+            noise_pred = guided_prediction(
+                self._forward(run, t), run.latents, cond, uncond, run.guidance_scale, self.parallel
+            )
         if self.transformer.config.out_channels // 2 == run.latents.shape[1]:  # learned sigma
             noise_pred = noise_pred.chunk(2, dim=1)[0]
         run.latents = run.scheduler.step(noise_pred, t, run.latents, **run.step_kwargs, return_dict=False)[0]

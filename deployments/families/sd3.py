@@ -31,6 +31,7 @@ from deployments.families.base import (
 )
 from deployments.families.flux import t5_tokens
 from deployments.families.guidance import guided_prediction
+from deployments.families.speed import apply_speed_knobs, cache_context, new_run, padded_call
 from deployments.sampling import SamplingParams
 
 
@@ -99,9 +100,8 @@ class Denoising:
         self.transformer = SD3Transformer2DModel.from_pretrained(
             load.path, subfolder="transformer", dtype=torch_dtype(load.dtype)
         ).to(self.device).eval()
-        if load.compile_blocks:
-            for block in self.transformer.transformer_blocks:
-                block.compile(dynamic=False)
+        self.buckets = load.batch_buckets
+        apply_speed_knobs(self.transformer, load, self.transformer.transformer_blocks)
         self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(load.path, subfolder="scheduler")
         self.vae_scale_factor = vae_scale_factor(load.path)
         if parallel is not None:  # xDiT's groups (the CFG group) for this rank
@@ -164,6 +164,7 @@ class Denoising:
         def rows(tensor):
             return None if tensor is None else tensor.to(self.device, dtype)
 
+        new_run(self.transformer)
         return SD3Run(
             scheduler=pipe.scheduler,
             timesteps=timesteps,
@@ -178,14 +179,17 @@ class Denoising:
 
     def _forward(self, t):
         def forward(hidden_states, branch):
-            return self.transformer(
-                hidden_states=hidden_states,
-                timestep=t.expand(hidden_states.shape[0]),
-                encoder_hidden_states=branch["encoder_hidden_states"],
-                pooled_projections=branch["pooled_projections"],
+            return padded_call(
+                self.transformer,
+                self.buckets,
+                {
+                    "hidden_states": hidden_states,
+                    "timestep": t.expand(hidden_states.shape[0]),
+                    "encoder_hidden_states": branch["encoder_hidden_states"],
+                    "pooled_projections": branch["pooled_projections"],
+                },
                 joint_attention_kwargs=None,
-                return_dict=False,
-            )[0]
+            )
 
         return forward
 
@@ -194,6 +198,7 @@ class Denoising:
         """One iteration of `StableDiffusion3Pipeline.__call__`'s loop."""
         if keep is not None:
             run.keep(keep)
+            new_run(self.transformer)
         t = run.timesteps[run.step_index]
         cond = {"encoder_hidden_states": run.prompt_embeds, "pooled_projections": run.pooled_prompt_embeds}
         uncond = None
@@ -202,7 +207,8 @@ class Denoising:
                 "encoder_hidden_states": run.negative_prompt_embeds,
                 "pooled_projections": run.negative_pooled_prompt_embeds,
             }
-        noise_pred = guided_prediction(self._forward(t), run.latents, cond, uncond, run.guidance_scale, self.parallel)
+        with cache_context(self.transformer):
+            noise_pred = guided_prediction(self._forward(t), run.latents, cond, uncond, run.guidance_scale, self.parallel)
         run.latents = run.scheduler.step(noise_pred, t, run.latents, return_dict=False)[0]
         run.noise_pred = noise_pred
         run.step_index += 1

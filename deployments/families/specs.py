@@ -33,6 +33,8 @@ class FamilySpec:
     default_max_sequence_length: int = 512
     # Whether the family's Denoising runs sequence parallelism (ulysses/ring) through xDiT.
     sequence_parallel: bool = False
+    # Whether diffusers' cache hooks (`enable_cache`) support the family's transformer.
+    step_cache: bool = False
 
     @property
     def builtin_model(self) -> Optional[str]:
@@ -50,6 +52,7 @@ _SPECS = (
         default_guidance_scale=3.5,
         default_max_sequence_length=512,
         sequence_parallel=True,
+        step_cache=True,
     ),
     FamilySpec(
         name="sd3",

@@ -231,9 +231,8 @@ def latents_for(job_id: str, n: int, seed: int, width: int = 64, height: int = 6
 
 
 def decoded(out) -> list[np.ndarray]:
-    from tests.helpers import decode_image
-
-    return [decode_image(blob) for blob in out.images]
+    """The decode thread's images (PIL; encoding happens after, on the encoding pool)."""
+    return [np.asarray(image, dtype=np.int16) for image in out.images]
 
 
 def test_vae_batch_over_memory_is_decoded_in_halves_with_the_same_images(decoder, monkeypatch):
@@ -289,3 +288,49 @@ def test_text_encoder_batch_with_one_bad_prompt_fails_that_prompt_only(config):
         want = encoder._encode_isolated([request])[0]
         assert isinstance(got, Embeddings) and got.request_id == request.request_id
         assert (got.prompt_embeds - want.prompt_embeds).abs().max().item() <= 1e-5
+
+
+def test_images_are_encoded_off_the_decode_thread_and_a_failed_encoding_fails_only_its_request(decoder, monkeypatch):
+    import asyncio
+    import threading
+
+    from PIL import Image
+
+    from deployments.image_codec import encode_image
+    from deployments.vae_decoder import Decoded
+    from tests.helpers import decode_image
+
+    good, bad = (decoder._decode_isolated([latents_for(i, 2, s)])[0] for i, s in (("good", 9), ("bad", 10)))
+    # PNG cannot hold 32-bit float pixels: PIL raises while encoding this request's second image.
+    bad = Decoded(bad.spec, (bad.images[0], Image.new("F", (64, 64))), bad.trace)
+    threads = set()
+
+    def spy(*args):
+        threads.add(threading.current_thread().name)
+        return encode_image(*args)
+
+    monkeypatch.setattr("deployments.vae_decoder.encode_image", spy)
+
+    async def both():
+        return await asyncio.wait_for(asyncio.gather(decoder._encode(good), decoder._encode(bad)), 30)
+
+    out_good, out_bad = asyncio.run(both())
+    assert threads and all(name.startswith("encode") for name in threads)  # the pool, not the loop
+    assert isinstance(out_bad, Rejected) and isinstance(out_bad.error, StageFailure)
+    assert out_bad.request_id == "bad"
+    assert [decode_image(b).tolist() for b in out_good.images] == [a.tolist() for a in decoded(good)]
+    assert out_good.trace[-1].stage == "encode" and out_good.trace[-1].batch_size == 2
+
+
+def test_png_level_changes_the_bytes_not_the_pixels(decoder):
+    from deployments.image_codec import encode_image
+    from tests.helpers import decode_image
+
+    image = decoder._decode_isolated([latents_for("png", 1, 11)])[0].images[0]
+    stored, packed = encode_image(image, "png", png_level=0), encode_image(image, "png", png_level=9)
+    assert len(stored) > len(packed)
+    assert decode_image(stored).tolist() == decode_image(packed).tolist() == decoded_one(image)
+
+
+def decoded_one(image) -> list:
+    return np.asarray(image.convert("RGB"), dtype=np.int16).tolist()
