@@ -45,6 +45,7 @@ PROMPTS = [
 def load_config(path: Path, model_path: str | None):
     app = yaml.safe_load(path.read_text())["applications"][0]
     args = app["args"]
+    args.pop("auth", None)  # the benchmark's client sends no key
     if model_path:
         args["model"]["path"] = model_path
         args["model"]["name"] = "bench-model"
@@ -55,14 +56,21 @@ def load_config(path: Path, model_path: str | None):
     return args, options
 
 
-def in_process(model_path: str, dtype: str, device: str, width: int, height: int, steps: int, solo: int):
+def in_process(model_path: str, dtype: str, device: str, width: int, height: int, steps: int, solo: int, knobs=None):
+    import dataclasses
+
     import torch
     from diffusers import FluxPipeline
 
-    from deployments.families.base import torch_dtype
+    from deployments.families.base import LoadSpec, torch_dtype
+    from deployments.families.speed import apply_speed_knobs
 
     pipe = FluxPipeline.from_pretrained(model_path, dtype=torch_dtype(dtype)).to(device)
     pipe.set_progress_bar_config(disable=True)
+    if knobs:  # the denoiser's speed knobs, applied to the pipeline's transformer as a worker does
+        spec = dataclasses.replace(LoadSpec(path=model_path, dtype=dtype, device=device), **knobs)
+        t = pipe.transformer
+        apply_speed_knobs(t, spec, [*t.transformer_blocks, *t.single_transformer_blocks])
 
     def one(i: int) -> float:
         start = time.perf_counter()
@@ -136,9 +144,17 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--no-unbatched", action="store_true", help="skip the batching-off run")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
+    parser.add_argument(
+        "--denoiser",
+        default=None,
+        help='JSON merged into the config\'s denoiser block and applied to the in-process pipeline'
+        ' too, e.g. \'{"compile_blocks": true, "quantization": "fp8"}\'',
+    )
     ns = parser.parse_args()
     width, height = map(int, ns.size.split("x"))
     args, options = load_config(Path(ns.config), ns.model_path)
+    knobs = json.loads(ns.denoiser) if ns.denoiser else {}
+    args.setdefault("denoiser", {}).update(knobs)
 
     import ray
     import torch
@@ -152,7 +168,8 @@ def main() -> int:
     dtype = args["model"].get("dtype", "float32")
     if device == "cpu":
         torch.set_num_threads(2)
-    base_lat = in_process(model_path, dtype, device, width, height, ns.steps, ns.solo)
+    pipeline_knobs = {k: v for k, v in knobs.items() if k in ("compile_blocks", "cuda_graphs", "attention_backend", "quantization", "step_cache")}
+    base_lat = in_process(model_path, dtype, device, width, height, ns.steps, ns.solo, pipeline_knobs)
     print(f"in-process: {base_lat:.3f} s/image, {1 / base_lat:.3f} images/s", flush=True)
 
     ray.init(address="local", include_dashboard=False, **({} if device == "cuda" else {"num_cpus": 2}))
@@ -165,6 +182,7 @@ def main() -> int:
         "concurrency": ns.concurrency,
         "requests": ns.requests,
         "in_process_s_per_image": base_lat,
+        "denoiser": knobs,
     }
     url = deploy(args, options, port)
     solo, tput, batches = measure_service(url, width, height, ns.steps, ns.solo, ns.requests, ns.concurrency)
