@@ -3,7 +3,7 @@
 # and torchao importable (PYTHONPATH set). FLUX.1-dev-sized random weights, bf16, 1024^2, 28 steps.
 #   bash bench/gpu_speed.sh service   # builds the checkpoint; compiled service vs compiled pipeline
 #   bash bench/gpu_speed.sh knobs     # the speed knobs in-process: time and drift, side by side
-#   bash bench/gpu_speed.sh fp8       # fp8 (+ first-block cache) through the service vs in-process
+#   bash bench/gpu_speed.sh fp8       # fp8 (compiled) through the service vs in-process
 #   bash bench/gpu_speed.sh load      # the load harness: pipeline, naive server, ours (eager)
 # Results (JSON) go to $OUT (default /tmp/bench-out).
 set -euo pipefail
@@ -20,14 +20,14 @@ case "${1:?service, knobs, fp8 or load}" in
     ;;
   knobs)
     python3 bench/bench_knobs.py --model-path "$model" --size 1024x1024 --steps 28 --repeats 3 \
-      --sets "${SETS:-eager,compile,fp8+compile,fp8+compile+first_block,compile+cuda_graphs,cudnn+compile}" \
+      --sets "${SETS:-eager,compile,fp8+compile,first_block,fp8+first_block,compile+cuda_graphs,cudnn+compile}" \
       --out "$out/knobs.json"
     ;;
   fp8)
     python3 bench/bench_service.py --config configs/flux-1gpu.yaml --model-path "$model" \
       --size 1024x1024 --steps 28 --solo 3 --requests 0 --no-unbatched \
-      --denoiser '{"compile_blocks": true, "quantization": "fp8", "step_cache": {"kind": "first_block", "threshold": 0.08}}' \
-      --out "$out/service-fp8-fbc.json"
+      --denoiser '{"compile_blocks": true, "quantization": "fp8"}' \
+      --out "$out/service-fp8.json"
     ;;
   load)
     python3 bench/load.py --config configs/flux-1gpu.yaml --model-path "$model" \

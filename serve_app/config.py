@@ -604,6 +604,12 @@ def _speed_knob_error(dn: DenoiserConfig) -> Optional[str]:
             "denoiser.attention_backend applies to one GPU per replica; with ulysses, ring or cfg"
             " degrees above 1, xDiT runs attention (leave attention_backend unset)"
         )
+    if dn.step_cache and dn.compile_blocks:
+        return (
+            "denoiser.step_cache with compile_blocks: the cache hooks decide each step in Python"
+            " around the compiled blocks, which then recompile (a FLUX.1-dev-sized warm-up on an"
+            " H100 did not finish in 7 minutes); use one or the other"
+        )
     if dn.world_size > 1 and dn.step_cache:
         return (
             "denoiser.step_cache needs one rank per replica: with several, each rank would decide"

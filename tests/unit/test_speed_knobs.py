@@ -133,6 +133,7 @@ def test_fp8_on_a_machine_without_a_capable_gpu_fails_at_load_naming_the_field(s
         ({"attention_backend": "flash", "ulysses_degree": 2}, "flux", "denoiser.attention_backend"),
         ({"step_cache": {"kind": "first_block"}, "ulysses_degree": 2}, "flux", "denoiser.step_cache needs one rank"),
         ({"step_cache": {"kind": "first_block"}}, "sd3", "do not support sd3"),
+        ({"step_cache": {"kind": "first_block"}, "compile_blocks": True}, "flux", "step_cache with compile_blocks"),
         ({"attention_backend": "fastest"}, "flux", "attention_backend"),
         ({"step_cache": {"kind": "first_block", "threshold": 0}}, "flux", "threshold"),
     ],
