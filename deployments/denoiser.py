@@ -21,6 +21,7 @@ checks. Worker deaths are noticed the moment they happen, even when idle, throug
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import ray
@@ -99,7 +100,16 @@ class Denoiser:
         if memory_error:
             self._group.shutdown()
             raise ValueError(memory_error)
+        started = time.perf_counter()
         self._group.warm_up(config.warmup_shapes, WARMUP_STEPS, dn.worker_call_timeout_s)
+        self._warmup_s = time.perf_counter() - started
+        logger.info(
+            "denoiser warm-up: %d shapes (batch, width, height) %s in %.1fs%s",
+            len(config.warmup_shapes),
+            list(config.warmup_shapes),
+            self._warmup_s,
+            " (compiled)" if dn.compile_blocks else "",
+        )
         self._watcher = None
         self._retiring = False
         self._batcher = StageBatcher.from_config(self._denoise_batch, dn.batching, images_in)
@@ -118,7 +128,7 @@ class Denoiser:
 
     async def ready(self) -> dict:
         await self.check_health()
-        return {"stage": STAGE, "workers": self._workers}
+        return {"stage": STAGE, "workers": self._workers, "warmup_s": round(self._warmup_s, 2)}
 
     async def check_health(self) -> None:
         if self._watcher is None:  # the first check runs on the replica's event loop
