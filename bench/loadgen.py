@@ -21,17 +21,8 @@ from typing import Callable
 
 import numpy as np
 
-# The same fixed prompts as bench/bench_service.py.
-PROMPTS = [
-    "a lighthouse on a cliff at sunset, oil painting",
-    "an astronaut riding a horse on the moon",
-    "a bowl of fruit on a wooden table, still life",
-    "a red fox in the snow, photograph",
-    "a city street at night with neon signs",
-    "a dragon flying over a castle, fantasy art",
-    "a sailing ship in a storm, dramatic lighting",
-    "a field of sunflowers under a blue sky",
-]
+from bench.bench_service import PROMPTS  # the same fixed prompts
+
 REQUEST_FIELDS = ("size", "n", "num_inference_steps", "guidance_scale")
 MAX_OPEN_LOOP_THREADS = 256
 
