@@ -1,6 +1,6 @@
 """The denoiser's speed knobs side by side in one run: diffusers' FluxPipeline in-process with each
 knob set applied to its transformer exactly as a denoiser worker applies it
-(`deployments.families.speed.apply_speed_knobs`), timed end to end (prompt -> PIL image), and the
+(`deployments.families.flux.speed_up`), timed end to end (prompt -> PIL image), and the
 drift of its final latents against the plain bf16 pipeline for the same prompt and seed.
 
   python bench/bench_knobs.py --model-path /tmp/flux-dev-random --size 1024x1024 --steps 28 \\
@@ -51,14 +51,13 @@ def measure(path: str, name: str, width: int, height: int, steps: int, repeats: 
     from diffusers import FluxPipeline
 
     from deployments.families.base import LoadSpec
-    from deployments.families.speed import apply_speed_knobs
+    from deployments.families.flux import speed_up
 
     pipe = FluxPipeline.from_pretrained(path, dtype=torch.bfloat16).to("cuda")
     pipe.set_progress_bar_config(disable=True)
     spec = dataclasses.replace(LoadSpec(path=path, dtype="bfloat16", device="cuda"), **knob_set(name))
-    t = pipe.transformer
     started = time.perf_counter()
-    apply_speed_knobs(t, spec, [*t.transformer_blocks, *t.single_transformer_blocks])
+    speed_up(pipe.transformer, spec)
 
     def call(seed: int, output_type: str = "pil"):
         out = pipe(
@@ -83,7 +82,7 @@ def measure(path: str, name: str, width: int, height: int, steps: int, repeats: 
     if reference is not None:
         row["drift_rel_l2"] = float((latents - reference).norm() / reference.norm())
         row["drift_max_abs"] = float((latents - reference).abs().max())
-    del pipe, t
+    del pipe
     gc.collect()
     torch.cuda.empty_cache()
     torch._dynamo.reset()

@@ -56,21 +56,19 @@ def load_config(path: Path, model_path: str | None):
     return args, options
 
 
-def in_process(model_path: str, dtype: str, device: str, width: int, height: int, steps: int, solo: int, knobs=None):
-    import dataclasses
-
+def in_process(model_path: str, dtype: str, device: str, width: int, height: int, steps: int, solo: int, args=None):
     import torch
     from diffusers import FluxPipeline
 
-    from deployments.families.base import LoadSpec, torch_dtype
-    from deployments.families.speed import apply_speed_knobs
+    from deployments.families.base import torch_dtype
+    from deployments.families.flux import speed_up
+    from deployments.runtime import load_spec
+    from serve_app.config import AppConfig
 
     pipe = FluxPipeline.from_pretrained(model_path, dtype=torch_dtype(dtype)).to(device)
     pipe.set_progress_bar_config(disable=True)
-    if knobs:  # the denoiser's speed knobs, applied to the pipeline's transformer as a worker does
-        spec = dataclasses.replace(LoadSpec(path=model_path, dtype=dtype, device=device), **knobs)
-        t = pipe.transformer
-        apply_speed_knobs(t, spec, [*t.transformer_blocks, *t.single_transformer_blocks])
+    if args is not None:  # the denoiser's speed knobs, on the pipeline's transformer as a worker sets them
+        speed_up(pipe.transformer, load_spec(AppConfig.model_validate(args), device, denoiser=True))
 
     def one(i: int) -> float:
         start = time.perf_counter()
@@ -168,8 +166,7 @@ def main() -> int:
     dtype = args["model"].get("dtype", "float32")
     if device == "cpu":
         torch.set_num_threads(2)
-    pipeline_knobs = {k: v for k, v in knobs.items() if k in ("compile_blocks", "cuda_graphs", "attention_backend", "quantization", "step_cache")}
-    base_lat = in_process(model_path, dtype, device, width, height, ns.steps, ns.solo, pipeline_knobs)
+    base_lat = in_process(model_path, dtype, device, width, height, ns.steps, ns.solo, args)
     print(f"in-process: {base_lat:.3f} s/image, {1 / base_lat:.3f} images/s", flush=True)
 
     ray.init(address="local", include_dashboard=False, **({} if device == "cuda" else {"num_cpus": 2}))

@@ -39,7 +39,6 @@ class StageBatcher:
         self._queue: deque[tuple[Any, asyncio.Future]] = deque()
         self._arrived = asyncio.Event()
         self._task: Optional[asyncio.Task] = None
-        self.batches = 0  # batches run so far (tests and logs)
 
     @classmethod
     def from_config(cls, run, batching, size_fn: Callable[[Sequence], int] = len) -> "StageBatcher":
@@ -82,7 +81,7 @@ class StageBatcher:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
-        while self._size([item for item, _ in self._queue]) < self._max:
+        while self._weight(self._queue) < self._max:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
@@ -95,16 +94,14 @@ class StageBatcher:
     def _take(self) -> list[tuple[Any, asyncio.Future]]:
         self._drop_gone()
         batch: list[tuple[Any, asyncio.Future]] = []
-        while self._queue:
-            candidate = batch + [self._queue[0]]
-            if batch and self._size([item for item, _ in candidate]) > self._max:
-                break
-            batch = candidate
-            self._queue.popleft()
+        while self._queue and (not batch or self._weight(batch + [self._queue[0]]) <= self._max):
+            batch.append(self._queue.popleft())
         return batch
 
+    def _weight(self, entries) -> int:
+        return self._size([item for item, _ in entries])
+
     async def _run_batch(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
-        self.batches += 1
         try:
             results = list(await self._run([item for item, _ in batch]))
             if len(results) != len(batch):

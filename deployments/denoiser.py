@@ -100,13 +100,13 @@ class Denoiser:
         if memory_error:
             self._group.shutdown()
             raise ValueError(memory_error)
-        started = time.perf_counter()
-        self._group.warm_up(config.warmup_shapes, WARMUP_STEPS, dn.worker_call_timeout_s)
+        shapes, started = config.warmup_shapes, time.perf_counter()
+        self._group.warm_up(shapes, WARMUP_STEPS, dn.worker_call_timeout_s)
         self._warmup_s = time.perf_counter() - started
         logger.info(
             "denoiser warm-up: %d shapes (batch, width, height) %s in %.1fs%s",
-            len(config.warmup_shapes),
-            list(config.warmup_shapes),
+            len(shapes),
+            list(shapes),
             self._warmup_s,
             " (compiled)" if dn.compile_blocks else "",
         )

@@ -36,6 +36,11 @@ def vae_scale_factor(path: str) -> int:
     return 2 ** (len(config["block_out_channels"]) - 1)
 
 
+def speed_up(transformer, load: LoadSpec) -> None:
+    """The denoiser's speed knobs on a FLUX transformer (ours, or a FluxPipeline's)."""
+    apply_speed_knobs(transformer, load, [*transformer.transformer_blocks, *transformer.single_transformer_blocks])
+
+
 def t5_tokens(tokenizer, prompts: list[str], limit: int):
     """(padded ids and attention mask, each prompt's token count) in one T5 pass: untruncated ids
     give each prompt's length (specials included); padding them to `limit` is what the pipelines'
@@ -137,8 +142,7 @@ class Denoising:
             load.path, subfolder="transformer", dtype=torch_dtype(load.dtype)
         ).to(self.device).eval()
         self.buckets = load.batch_buckets
-        blocks = [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
-        apply_speed_knobs(self.transformer, load, blocks)
+        speed_up(self.transformer, load)
         self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(
             load.path, subfolder="scheduler"
         )
