@@ -6,9 +6,11 @@ The two layouts differ only in the batch each transformer call sees (one branch 
 which changes its output by ~4e-7. SD3 (flow matching): latents within 1e-5 absolute. PixArt:
 DPM-Solver++ turns the predicted noise into predicted clean latents, multiplying any difference by
 sigma/alpha, about 158 at the first step of Sigma's 1000-step linear schedule, and guidance 5
-multiplies it again: seen 3e-4 on latents of magnitude ~4 (a difference of 7e-5 relative), the
-same whether the branches are split over two processes or run one after the other in one. So
-PixArt's latents are compared within 2e-4 relative. Groups are driven directly (`WorkerGroup`), as
+multiplies it again: seen up to 3e-4 on latents of magnitude ~4 (7e-5 of their scale), the same
+whether the branches are split over two processes or run one after the other in one. The amplified
+difference is absolute, the same size on a latent near 0 as on one near 4 (a per-element relative
+tolerance failed on a latent of 0.3 that differed by 9e-5), so PixArt's latents are compared
+within 4e-4 absolute: 1e-4 of their scale. Groups are driven directly (`WorkerGroup`), as
 a Denoiser replica drives them, steps, row drops and all.
 """
 
@@ -20,7 +22,7 @@ import pytest
 
 from tests.integration.conftest import TEST_ARGS
 
-LATENT_TOL = {"sd3": dict(rtol=0, atol=1e-5), "pixart": dict(rtol=2e-4, atol=1e-5)}
+LATENT_TOL = {"sd3": dict(rtol=0, atol=1e-5), "pixart": dict(rtol=0, atol=4e-4)}
 
 
 def group_config(family: str, cfg_degree: int):
