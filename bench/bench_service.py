@@ -169,7 +169,11 @@ def main() -> int:
     base_lat = in_process(model_path, dtype, device, width, height, ns.steps, ns.solo, args)
     print(f"in-process: {base_lat:.3f} s/image, {1 / base_lat:.3f} images/s", flush=True)
 
-    ray.init(address="local", include_dashboard=False, **({} if device == "cuda" else {"num_cpus": 2}))
+    cpus = {} if device == "cuda" else {"num_cpus": 2}
+    from bench.targets import replica_env  # here: bench.targets imports this module's PROMPTS
+
+    env = {"env_vars": replica_env(ns.config)}
+    ray.init(address="local", include_dashboard=False, runtime_env=env, **cpus)
     port = 8799
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     figures = {

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import report as reporting  # noqa: E402
 from bench.loadgen import GpuSampler, closed_loop, draw_requests, load_workload, open_loop, summarize  # noqa: E402
-from bench.targets import RayCluster, make_target, read_config  # noqa: E402
+from bench.targets import RayCluster, make_target, read_config, replica_env  # noqa: E402
 
 TARGETS = ("inprocess", "naive", "ours-unbatched", "ours")
 
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
         "workload": {"path": str(ns.workload), "templates": templates, "seed": ns.seed},
         "settings": {k: getattr(ns, k) for k in ("targets", "concurrency", "rates", "requests", "max_seconds", "timeout")},
     }
-    cluster = RayCluster(device)
+    cluster = RayCluster(device, replica_env(ns.config))
     targets: dict[str, dict] = {}
     try:
         for name in ns.targets:

@@ -77,6 +77,13 @@ def read_config(path: str | Path, model_path: str | None) -> tuple[dict, list[di
     return args, app.get("deployments", [])
 
 
+def replica_env(path: str | Path) -> dict[str, str]:
+    """The first application's `runtime_env` env_vars: Serve reads them when a replica process
+    starts, so the harness's cluster gets them at `ray.init` (see serve_app/replica_env.py)."""
+    app = yaml.safe_load(Path(path).read_text())["applications"][0]
+    return dict((app.get("runtime_env") or {}).get("env_vars") or {})
+
+
 def deployment_options(deployments: list[dict], autoscale: bool) -> dict:
     """Serve options per deployment: replicas fixed at 1, or the config's autoscaling kept."""
     options = {}
@@ -188,8 +195,9 @@ class NaiveTarget:
 class RayCluster:
     """One local Ray cluster + Serve proxy for the `ours` targets, started on first use."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, env_vars: dict[str, str] | None = None):
         self.device = device
+        self.env_vars = dict(env_vars or {})
         self.url = ""
 
     def ensure(self) -> str:
@@ -199,7 +207,13 @@ class RayCluster:
 
             cpus = {} if self.device == "cuda" else {"num_cpus": 2}
             # Replica logs go to Ray's log folder, not this terminal: the table stays readable.
-            ray.init(address="local", include_dashboard=False, log_to_driver=False, **cpus)
+            ray.init(
+                address="local",
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": self.env_vars},
+                **cpus,
+            )
             port = free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             self.url = f"http://127.0.0.1:{port}"

@@ -48,8 +48,12 @@ def ray_cluster(private_cache, tiny_flux_path):
     import ray
     from ray import serve
 
+    from serve_app.replica_env import REPLICA_ENV
+
     ray.init(
         address="local",
+        # Replicas run as the shipped configs run them (serve_app/replica_env.py).
+        runtime_env={"env_vars": dict(REPLICA_ENV)},
         num_cpus=16,
         include_dashboard=False,
         object_store_memory=512 * 1024**2,
