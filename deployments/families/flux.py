@@ -11,6 +11,7 @@ and decoding follows the tail of `FluxPipeline.__call__`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import count
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -147,6 +148,8 @@ class Denoising:
             load.path, subfolder="scheduler"
         )
         self.vae_scale_factor = vae_scale_factor(load.path)
+        self.rows_forwarded: tuple[int, ...] = ()  # keys of the rows in the last `forward_rows`
+        self._row_keys = count()  # each FluxRow's key, unique for this Denoising (unlike id())
         if parallel is not None:
             from xfuser.core.distributed.runtime_state import initialize_runtime_state
 
@@ -170,11 +173,29 @@ class Denoising:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def schedule(self, scheduler, image_seq_len: int, steps: int) -> tuple[torch.Tensor, int]:
+        """`FluxPipeline.__call__`'s timesteps for an image of `image_seq_len` tokens, set on
+        `scheduler` (its sigmas, resolution shift `mu`, then `set_begin_index(0)`)."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        if getattr(scheduler.config, "use_flow_sigmas", False):
+            sigmas = None
+        config = scheduler.config
+        mu = calculate_shift(
+            image_seq_len,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        timesteps, steps = retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, mu=mu)
+        scheduler.set_begin_index(0)
+        return timesteps, steps
+
     @torch.no_grad()
     def prepare(self, inputs: DenoiseInputs) -> "FluxRun":
         """`FluxPipeline.__call__` up to its denoising loop, with embeddings given."""
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
-
         sampling = inputs.sampling
         rows = sampling.n
         if self.parallel is not None:
@@ -209,24 +230,11 @@ class Denoising:
             [torch.Generator("cpu").manual_seed(s) for s in sampling.seeds],
             None,
         )
-        steps = sampling.num_inference_steps
-        sigmas = np.linspace(1.0, 1 / steps, steps)
-        if getattr(pipe.scheduler.config, "use_flow_sigmas", False):
-            sigmas = None
-        config = pipe.scheduler.config
-        mu = calculate_shift(
-            latents.shape[1],
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-        timesteps, steps = retrieve_timesteps(pipe.scheduler, steps, self.device, sigmas=sigmas, mu=mu)
+        timesteps, steps = self.schedule(pipe.scheduler, latents.shape[1], sampling.num_inference_steps)
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full([1], sampling.guidance_scale, device=self.device, dtype=torch.float32)
             guidance = guidance.expand(latents.shape[0])
-        pipe.scheduler.set_begin_index(0)
         new_run(self.transformer)
         return FluxRun(
             scheduler=pipe.scheduler,
@@ -287,6 +295,85 @@ class Denoising:
     def finish(self, run: "FluxRun") -> torch.Tensor:
         return run.latents.cpu()
 
+    @torch.no_grad()
+    def prepare_rows(self, inputs: DenoiseInputs) -> list["FluxRow"]:
+        """`prepare` for one request, kept as one `FluxRow` per image, each with its own fresh
+        scheduler: rows of different requests (step counts, guidance, progress) can then share
+        `forward_rows` calls while their sizes match."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if self.parallel is not None:
+            raise NotImplementedError("FLUX rows do not run with sequence parallelism")
+        run = self.prepare(inputs)
+        rows = []
+        for i in range(run.rows):
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
+            timesteps, steps = self.schedule(scheduler, run.latents.shape[1], run.num_steps)
+            rows.append(
+                FluxRow(
+                    scheduler=scheduler,
+                    timesteps=timesteps,
+                    num_steps=steps,
+                    height=run.height,
+                    width=run.width,
+                    guidance=float(inputs.sampling.guidance_scale),
+                    latents=run.latents[i : i + 1],
+                    image_ids=run.image_ids,
+                    prompt_embeds=run.prompt_embeds[i : i + 1],
+                    pooled_prompt_embeds=run.pooled_prompt_embeds[i : i + 1],
+                    text_ids=run.text_ids,
+                    key=next(self._row_keys),
+                )
+            )
+        return rows
+
+    @torch.no_grad()
+    def forward_rows(self, rows: Sequence["FluxRow"]) -> None:
+        """One iteration of `FluxPipeline.__call__`'s loop for every row, in one transformer call:
+        each row at its own timestep with its own guidance, then advanced by its own scheduler.
+        Rows must share height and width."""
+        if not rows:
+            return
+        sizes = sorted({(r.height, r.width) for r in rows})
+        if len(sizes) > 1:
+            named = ", ".join(f"{h}x{w}" for h, w in sizes)
+            raise ValueError(
+                f"rows of different sizes cannot share a transformer call (height x width: {named})"
+            )
+        keys = tuple(r.key for r in rows)
+        if len(set(keys)) < len(keys) or any(r.done for r in rows):
+            raise ValueError("every row must be given once and not be done")
+        if keys != self.rows_forwarded:
+            self.rows_forwarded = keys
+            new_run(self.transformer)
+        t = torch.stack([r.timesteps[r.step_index] for r in rows])
+        latents = torch.cat([r.latents for r in rows])
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.tensor([r.guidance for r in rows], device=self.device, dtype=torch.float32)
+        with cache_context(self.transformer):
+            noise_pred = padded_call(
+                self.transformer,
+                self.buckets,
+                {
+                    "hidden_states": latents,
+                    "timestep": t.to(latents.dtype) / 1000,
+                    "guidance": guidance,
+                    "pooled_projections": torch.cat([r.pooled_prompt_embeds for r in rows]),
+                    "encoder_hidden_states": torch.cat([r.prompt_embeds for r in rows]),
+                },
+                txt_ids=rows[0].text_ids,
+                img_ids=rows[0].image_ids,
+                joint_attention_kwargs={},
+            )
+        for i, row in enumerate(rows):
+            row.latents = row.scheduler.step(noise_pred[i : i + 1], t[i], row.latents, return_dict=False)[0]
+            row.step_index += 1
+
+    def finish_row(self, row: "FluxRow") -> torch.Tensor:
+        """The row's latents on the CPU, (1, tokens, channels)."""
+        return row.latents.cpu()
+
     def denoise(self, inputs: DenoiseInputs) -> torch.Tensor:
         run = self.prepare(inputs)
         while run.step_index < run.num_steps:
@@ -333,6 +420,30 @@ class FluxRun:
             self.guidance = self.guidance.index_select(0, index)
         if self.noise_pred is not None:
             self.noise_pred = self.noise_pred.index_select(0, index)
+
+
+@dataclass(eq=False)
+class FluxRow:
+    """One image between steps, for step-level batching: its own scheduler, timesteps and guidance,
+    and its tensors (batch dimension 1)."""
+
+    scheduler: Any
+    timesteps: torch.Tensor
+    num_steps: int
+    height: int
+    width: int
+    guidance: float
+    latents: torch.Tensor  # packed, (1, tokens, channels)
+    image_ids: torch.Tensor
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+    text_ids: torch.Tensor
+    key: int  # unique among the rows of one Denoising
+    step_index: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= self.num_steps
 
 
 class Decoding:
