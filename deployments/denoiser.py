@@ -2,7 +2,9 @@
 of worker actors (one per GPU; a sequence-parallel group when there are several).
 
 A batch is split by batch key (size, steps, guidance); each group runs through `run_group`, which
-stops cancelled requests between steps (see `deployments.denoise_loop`). Every image gets its own
+stops cancelled requests between steps (see `deployments.denoise_loop`). With
+`denoiser.batching.mode: step` (FLUX, one rank) requests instead join and leave a running batch at
+step boundaries (`deployments.step_scheduler`). Every image gets its own
 `torch.Generator` from its seed and every batch its own scheduler, so an image depends only on its
 own request. Failures are per request: a broken worker group gives a retryable 503, a batch out of
 device memory runs again in halves and only an image that does not fit alone fails its request with
@@ -38,6 +40,7 @@ from deployments.payloads import Cancelled, GenerationSpec, Latents, PromptEmbed
 from deployments.runtime import Stopwatch, logger, raise_if_error
 from deployments.sp_group import WorkerGroup, WorkerGroupBroken, bundle_resources
 from deployments.stage import batching_options, open_progress
+from deployments.step_scheduler import StepScheduler
 
 STARTUP_TIMEOUT_S = 1800.0
 WARMUP_STEPS = 2
@@ -112,7 +115,11 @@ class Denoiser:
         )
         self._watcher = None
         self._retiring = False
-        self._batcher = StageBatcher.from_config(self._denoise_batch, dn.batching, images_in)
+        self._batcher = self._scheduler = None
+        if dn.batching.mode == "step":  # requests join and leave at step boundaries
+            self._scheduler = StepScheduler(self._group, self._progress, dn.batching.max_batch_size, self._retire)
+        else:
+            self._batcher = StageBatcher.from_config(self._denoise_batch, dn.batching, images_in)
 
     async def denoise(self, embeddings: PromptEmbeddings | Any, spec: GenerationSpec):
         """Latents, or the `Rejected`/`Cancelled` value that reached this stage instead."""
@@ -120,7 +127,10 @@ class Denoiser:
             return embeddings
         try:
             with self._progress.metrics.in_stage():  # the queue depth gauge
-                return raise_if_error(await self._batcher.submit(DenoiseItem(spec, embeddings)))
+                item = DenoiseItem(spec, embeddings)
+                if self._scheduler is not None:
+                    return raise_if_error(await self._scheduler.denoise(item))
+                return raise_if_error(await self._batcher.submit(item))
         except asyncio.CancelledError:
             # Serve cancelled this call (its caller went away): stop the row at the next step.
             self._progress.stop_locally(spec.request_id)

@@ -4,7 +4,8 @@ to the job store and what clients read from `GET /v1/images/jobs/{id}/events`.
   queued      {position}                       accepted (async jobs: place in the queue)
   dispatched  {attempt}                        a dispatcher started an attempt
   stage       {stage, state, batch_size, seconds?}   a stage started / finished the request
-  step        {step, steps, seconds}           denoising step `step` of `steps` done
+  step        {step, steps, seconds, rows?}    denoising step `step` of `steps` done (`rows`: how
+                                               many rows its forward had; step-level batching)
   preview     {step, index, b64_json, size, output_format}   a cheap look at image 0
   retry       {attempt, reason, delay_s}       an attempt failed on the server side; tried again
   completed   {...result}                      succeeded (the result's image names and seeds)
@@ -40,11 +41,14 @@ def stage_finished(job_id: str, stage: str, batch_size: int, seconds: float) -> 
     )
 
 
-def step_done(job_id: str, step: int, steps: int, seconds: float) -> NewEvent:
+def step_done(job_id: str, step: int, steps: int, seconds: float, rows: Optional[int] = None) -> NewEvent:
+    data = {"step": step, "steps": steps, "seconds": round(seconds, 4)}
+    if rows is not None:  # step-level batching: the rows (of any requests) the forward computed
+        data["rows"] = rows
     return NewEvent(
         job_id,
         "step",
-        {"step": step, "steps": steps, "seconds": round(seconds, 4)},
+        data,
         progress={"stage": "denoiser", "state": "running", "step": step, "steps": steps},
     )
 

@@ -94,6 +94,16 @@ class StepReport:
     previews: tuple[tuple[bytes, int, int], ...]  # (PNG, width, height) per row asked (rank 0)
 
 
+@dataclass(frozen=True)
+class RowsReport:
+    """Rank 0's answer to `rows_step` (step-level batching, `deployments.step_scheduler`)."""
+
+    seconds: float  # the call's time (joins prepared and the forward)
+    rows: int  # rows in the forward (0: nothing was forwarded)
+    steps: dict[str, int]  # request id -> the step index its rows reached, for every request forwarded
+    finished: dict[str, Any]  # request id -> latents (its rows concatenated, CPU), rows all done
+
+
 class DenoiseWorker:
     """One rank of the group (a Ray actor; see `WorkerGroup`)."""
 
@@ -103,6 +113,7 @@ class DenoiseWorker:
         self._denoising = None
         self._run = None  # the batch being denoised
         self._size = (0, 0)  # its (height, width)
+        self._rows: dict[str, list] = {}  # step-level batching: request id -> its rows, in join order
         self._forever = threading.Event()
 
     def rendezvous(self) -> str:
@@ -185,6 +196,48 @@ class DenoiseWorker:
                 for p in self._denoising.preview(self._run, preview_rows)
             )
         return StepReport(time.perf_counter() - started, previews)
+
+    # Step-level batching (`deployments.step_scheduler`): requests join and leave between calls;
+    # each call forwards every row kept, each row at its own step.
+    @ray.method(concurrency_group="compute")
+    def rows_step(self, joins, drops) -> RowsReport:
+        """Forget `drops` (request ids), prepare `joins` ((request id, DenoiseInputs) pairs), then
+        one forward over every kept row (none: nothing forwarded). Requests whose rows are all done
+        are returned (rank 0) and forgotten. Out of memory, every row is dropped and the memory
+        freed before it raises (as `step` does)."""
+        for request_id in drops:
+            self._rows.pop(request_id, None)
+        return forward_freeing(self._rows_step, joins, on_oom=self._forget_rows)
+
+    def _forget_rows(self) -> None:
+        self._rows = {}
+
+    def _rows_step(self, joins) -> RowsReport:
+        import time
+
+        started = time.perf_counter()
+        for request_id, inputs in joins:
+            self._rows.pop(request_id, None)  # a rejoin replaces (keeps insertion order honest)
+            self._rows[request_id] = self._denoising.prepare_rows(inputs)
+        rows = [row for kept in self._rows.values() for row in kept]
+        if rows:
+            inject_oom("denoiser step", len(rows), rows[0].height, rows[0].width)
+            self._denoising.forward_rows(rows)
+        steps = {rid: kept[0].step_index for rid, kept in self._rows.items()}
+        finished = {}
+        for rid in [rid for rid, kept in self._rows.items() if all(r.done for r in kept)]:
+            kept = self._rows.pop(rid)
+            if self.rank == 0:
+                import torch
+
+                finished[rid] = torch.cat([self._denoising.finish_row(r) for r in kept])
+            else:
+                finished[rid] = None
+        return RowsReport(time.perf_counter() - started, len(rows), steps, finished)
+
+    @ray.method(concurrency_group="compute")
+    def rows_reset(self) -> None:
+        self._forget_rows()
 
     @ray.method(concurrency_group="compute")
     def finish(self):
@@ -316,8 +369,21 @@ class WorkerGroup:
         refs = [w.step.remote(keep, list(preview_rows), inputs) for w in self._workers]
         return self._first(self._all(refs, self._timeout_s, "step"))
 
+    def rows_step(self, joins: Sequence[tuple[str, Any]], drops: Sequence[str]):
+        """Step-level batching: send one `rows_step` to every rank now; await it for rank 0's
+        `RowsReport`. The joins' inputs go once, through the object store."""
+        if self.broken:
+            raise WorkerGroupBroken(self.broken)
+        joined = ray.put(list(joins)) if joins else []
+        refs = [w.rows_step.remote(joined, list(drops)) for w in self._workers]
+        return self._first(self._all(refs, self._timeout_s, "rows_step"))
+
+    async def rows_reset(self) -> None:
+        """Forget every row on every rank (after a failed `rows_step`)."""
+        await self._each("rows_reset")
+
     @staticmethod
-    async def _first(results) -> StepReport:
+    async def _first(results):
         return (await results)[0]
 
     async def finish(self):

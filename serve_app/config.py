@@ -120,6 +120,17 @@ class BatchingConfig(_Strict):
             " runs at once). Items that queue while a batch runs join the next batch with no wait."
         ),
     )
+    mode: Literal["request", "step"] = Field(
+        "request",
+        description=(
+            "Denoiser only (other stages refuse `step`). `request`: a batch of same-key requests"
+            " (size, steps, guidance) runs to its last step before the next starts. `step`:"
+            " requests join and leave a running batch at step boundaries, each row at its own"
+            " step, step count and guidance (same size only, max_batch_size rows); FLUX on one"
+            " rank (world_size 1) without step_cache. `request` stays the default because SD3 and"
+            " PixArt have no per-row denoising yet."
+        ),
+    )
 
 
 class StageConfig(_Strict):
@@ -772,13 +783,38 @@ class AppConfig(_Strict):
             raise ValueError("defaults.num_inference_steps exceeds limits.max_steps")
         if self.default_guidance_scale > lim.max_guidance_scale:
             raise ValueError("defaults.guidance_scale exceeds limits.max_guidance_scale")
-        parallel_error = self._parallel_error()
+        parallel_error = self._parallel_error() or self._step_mode_error()
         if parallel_error:
             raise ValueError(parallel_error)
         memory_error = denoiser_memory_error(self)
         if memory_error:
             raise ValueError(memory_error)
         return self
+
+    def _step_mode_error(self) -> Optional[str]:
+        """Why `batching.mode: step` cannot run here, or None (deployments/step_scheduler.py)."""
+        for stage in ("text_encoder", "vae_decoder"):
+            if getattr(self, stage).batching.mode == "step":
+                return f"{stage}.batching.mode step: step-level batching is for the denoiser only"
+        dn, family = self.denoiser, family_spec(self.model.family)
+        if dn.batching.mode != "step":
+            return None
+        if not family.step_rows:
+            return (
+                f"denoiser.batching.mode step needs per-row denoising, which {family.name} does"
+                " not have yet (flux has it); run sd3 and pixart in mode request for now"
+            )
+        if dn.world_size > 1:
+            return (
+                f"denoiser.batching.mode step runs on one rank; this denoiser has world_size"
+                f" {dn.world_size} (ulysses x ring x cfg degrees): use mode request with them"
+            )
+        if dn.step_cache:
+            return (
+                "denoiser.batching.mode step with denoiser.step_cache: the cache decides for a"
+                " whole batch, and rows at different steps share every call; use one or the other"
+            )
+        return None
 
     def _parallel_error(self) -> Optional[str]:
         """Why the denoiser's parallel layout cannot run this model, or None."""

@@ -35,6 +35,9 @@ class FamilySpec:
     sequence_parallel: bool = False
     # Whether diffusers' cache hooks (`enable_cache`) support the family's transformer.
     step_cache: bool = False
+    # Whether the family's Denoising has per-row denoising (`prepare_rows`, `forward_rows`,
+    # `finish_row`): what step-level batching (`denoiser.batching.mode: step`) needs.
+    step_rows: bool = False
 
     @property
     def builtin_model(self) -> Optional[str]:
@@ -53,6 +56,7 @@ _SPECS = (
         default_max_sequence_length=512,
         sequence_parallel=True,
         step_cache=True,
+        step_rows=True,
     ),
     FamilySpec(
         name="sd3",

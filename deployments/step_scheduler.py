@@ -1,0 +1,197 @@
+"""Step-level batching for the denoiser (`denoiser.batching.mode: step`, FLUX, one rank).
+
+Requests join and leave a running batch at step boundaries instead of waiting for a whole batch to
+end: every call to the worker group (`WorkerGroup.rows_step`) forwards every running row once, each
+row at its own step with its own step count and guidance (`Denoising.forward_rows`), so a request
+never waits for a batch of another key, only for the current step.
+
+Between two calls the scheduler, and only it, decides (the ranks never do):
+  - stop: running or waiting requests whose stop flag is set (a DELETE anywhere, an ended job, a
+    caller that went away: `StageProgress.stopped`) leave; running ones are dropped on the ranks
+    with the next call, and their callers get `Cancelled(id, "denoiser", steps done)`;
+  - admit: waiting requests in arrival order (FIFO) while the head has the running rows' size
+    (height, width) and fits `max_rows`; a head that does not fit blocks everyone behind it until
+    rows leave (no starvation of big or other-size requests).
+After each call it reports a `step` event per forwarded request (its own step and step count, and
+`rows`: how many rows the forward had), `stage` started/finished events as requests join and end,
+the step's metrics, and hands finished requests their latents.
+
+One call is in flight at a time: a stop takes effect at the next boundary, so a cancelled request
+has at most the step running when it was cancelled computed after it. (The request mode keeps two
+steps in flight; with joins decided between calls, a second call in flight would join a step late.)
+
+Failures: a broken worker group answers every request `Unavailable` (retryable) and retires the
+replica (`on_broken`); any other failure of a call answers the running requests `StageFailure`,
+clears the rows on every rank, and the loop goes on with the waiting ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from deployments import events
+from deployments.denoise_loop import STAGE, DenoiseItem, stack_inputs
+from deployments.errors import StageFailure, Unavailable
+from deployments.payloads import Cancelled, Latents, Rejected, StageTrace
+from deployments.progress import StageProgress
+from deployments.runtime import logger
+from deployments.sp_group import WorkerGroupBroken
+
+
+@dataclass(eq=False)
+class _Entry:
+    item: DenoiseItem
+    future: asyncio.Future
+    steps_done: int = 0
+    joined: float = 0.0  # perf_counter when it joined the running rows
+    max_rows: int = 0  # the largest forward it shared (its trace's batch size)
+    trace: Optional[StageTrace] = None
+
+    @property
+    def id(self) -> str:
+        return self.item.spec.request_id
+
+    @property
+    def n(self) -> int:
+        return self.item.spec.n
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.item.spec.sampling.size_key
+
+
+@dataclass
+class StepScheduler:
+    group: Any  # a WorkerGroup
+    progress: StageProgress
+    max_rows: int
+    on_broken: Callable[[str], None] = lambda reason: None
+    _waiting: deque = field(default_factory=deque)
+    _running: dict = field(default_factory=dict)  # request id -> _Entry, in join order
+    _task: Optional[asyncio.Task] = None
+
+    async def submit(self, item: DenoiseItem):
+        """The request's latents (CPU, its rows), or `Cancelled`, or the error value (`Unavailable`,
+        `StageFailure`) the request mode gives; errors are returned, not raised."""
+        return (await self.submit_traced(item))[0]
+
+    async def submit_traced(self, item: DenoiseItem) -> tuple[Any, Optional[StageTrace]]:
+        entry = _Entry(item, asyncio.get_running_loop().create_future())
+        self._waiting.append(entry)
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._loop())
+        try:
+            outcome = await asyncio.shield(entry.future)
+        except asyncio.CancelledError:
+            # The caller went away (Serve cancelled its call): it leaves at the next boundary.
+            self.progress.stop_locally(entry.id)
+            raise
+        await self.progress.flush()  # its events reach the log before its result goes on
+        return outcome, entry.trace
+
+    async def denoise(self, item: DenoiseItem):
+        """`submit` as the Denoiser answers: `Latents` (trace as the request mode builds it), or
+        the `Cancelled` / error value."""
+        outcome, trace = await self.submit_traced(item)
+        if isinstance(outcome, (Cancelled, Rejected, BaseException)):
+            return outcome
+        return Latents(spec=item.spec, latents=outcome, trace=item.embeddings.trace + (trace,))
+
+    # -- the loop -------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while self._waiting or self._running:
+            try:
+                await self._boundary()
+            except Exception:  # noqa: BLE001 - never leave a caller waiting forever
+                logger.exception("denoiser step scheduler failed")
+                for entry in self._everyone():
+                    self._end(entry, StageFailure(STAGE, entry.id))
+
+    async def _boundary(self) -> None:
+        """Stops, admissions, then one call to the ranks and its report."""
+        await self.progress.flush()  # steps reported so far reach the log before flags are read
+        stopped = await self.progress.stopped([e.id for e in self._everyone()])
+        drops = [rid for rid in self._running if rid in stopped]
+        for rid in drops:
+            entry = self._running.pop(rid)
+            self._end(entry, Cancelled(rid, STAGE, entry.steps_done))
+        for entry in [e for e in self._waiting if e.id in stopped]:
+            self._waiting.remove(entry)
+            self._end(entry, Cancelled(entry.id, STAGE, 0))
+        joins = self._admit()
+        if not (self._running or drops):
+            return
+        try:
+            report = await self.group.rows_step(
+                [(e.id, stack_inputs([e.item])) for e in joins], drops
+            )
+        except WorkerGroupBroken as exc:
+            self._broken(exc)
+            return
+        except Exception:
+            logger.exception("denoiser step failed; requests %s", list(self._running))
+            for entry in list(self._running.values()):
+                self._end(entry, StageFailure(STAGE, entry.id))
+            try:
+                await self.group.rows_reset()  # every rank starts clean; the waiting go on
+            except WorkerGroupBroken as exc:
+                self._broken(exc)
+            return
+        self._reported(report)
+
+    def _broken(self, exc: WorkerGroupBroken) -> None:
+        """The group is gone for good: every request here gets a retryable 503."""
+        logger.error("denoiser worker group broken (%s); requests %s", exc, [e.id for e in self._everyone()])
+        self.on_broken(str(exc))
+        for entry in self._everyone():
+            self._end(entry, Unavailable("the denoiser is restarting; retry the request"))
+
+    def _admit(self) -> list[_Entry]:
+        """FIFO: the head joins while it has the running rows' size and fits; else all wait."""
+        rows = sum(e.n for e in self._running.values())
+        size = next(iter(self._running.values())).size if self._running else None
+        joins, now, started = [], time.perf_counter(), time.time()
+        while self._waiting:
+            head = self._waiting[0]
+            if (size is not None and head.size != size) or (rows and rows + head.n > self.max_rows):
+                break
+            self._waiting.popleft()
+            head.joined, size, rows = now, head.size, rows + head.n
+            self._running[head.id] = head
+            joins.append(head)
+            if head.item.reports:
+                self.progress.metrics.waited(head.item.embeddings.ready_at, started)
+        self.progress.emit([events.stage_started(e.id, STAGE, rows) for e in joins])
+        return joins
+
+    def _reported(self, report) -> None:
+        if report.rows:
+            self.progress.metrics.step(report.rows, report.seconds)
+        step_events = []
+        for rid, step in report.steps.items():
+            entry = self._running[rid]
+            entry.steps_done, entry.max_rows = step, max(entry.max_rows, report.rows)
+            if entry.item.reports:
+                steps = entry.item.spec.sampling.num_inference_steps
+                step_events.append(events.step_done(rid, step, steps, report.seconds, rows=report.rows))
+        self.progress.emit(step_events)
+        for rid, latents in report.finished.items():
+            entry = self._running.pop(rid)
+            entry.trace = StageTrace(STAGE, entry.max_rows, time.perf_counter() - entry.joined)
+            self.progress.emit([events.stage_finished(rid, STAGE, entry.max_rows, entry.trace.seconds)])
+            self._end(entry, latents)
+
+    def _everyone(self) -> list[_Entry]:
+        return [*self._running.values(), *self._waiting]
+
+    def _end(self, entry: _Entry, outcome) -> None:
+        self._running.pop(entry.id, None)
+        if entry in self._waiting:
+            self._waiting.remove(entry)
+        self.progress.forget([entry.id])
+        if not entry.future.done():
+            entry.future.set_result(outcome)

@@ -1,0 +1,277 @@
+"""Step-level batching (`denoiser.batching.mode: step`) on a real worker group and job store: tiny
+FLUX on CPU, fp32, one rank, driven by `StepScheduler` as a Denoiser replica drives it.
+
+Requests of different step counts and guidance share transformer calls, join a running batch at a
+step boundary, leave it when cancelled, and each still ends with the latents it gets alone in the
+request mode (`WorkerGroup.run`, a batch of one). A row in a forward of 2-3 rows rounds differently
+from a batch of one: seen up to ~5e-7 (tests/unit/test_flux_rows.py); compared within 1e-5, while a
+wrong timestep, guidance or seed is off by ~0.1 or more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.integration.conftest import TEST_ARGS
+
+LATENT_TOL = dict(rtol=0, atol=1e-5)
+BOUND_S = 120  # bounds waits on the scheduler's own signals; never a speed assertion
+MAX_DIFFS: dict[str, float] = {}
+
+
+def step_config():
+    from serve_app.config import AppConfig
+
+    denoiser = {**TEST_ARGS["denoiser"], "worker_call_timeout_s": 120, "batching": {"max_batch_size": 8, "mode": "step"}}
+    return AppConfig.model_validate({**TEST_ARGS, "denoiser": denoiser})
+
+
+@pytest.fixture(scope="module")
+def group(ray_cluster):
+    from deployments.sp_group import WorkerGroup
+
+    made = WorkerGroup(step_config())
+    made.start(timeout_s=300)
+    yield made
+    made.shutdown()
+    print(f"\nmax |step-level - alone| per request: {MAX_DIFFS}")
+
+
+@pytest.fixture
+def store(tmp_path):
+    from deployments.job_store import open_job_store
+
+    return open_job_store("sqlite", path=str(tmp_path / "jobs.db"))
+
+
+def item(store, job_id: str, steps: int, guidance: float, seed: int, width: int = 128, height: int = 64):
+    """A denoiser item with random embeddings (one image), its job record running in `store`."""
+    import torch
+
+    from deployments.denoise_loop import DenoiseItem
+    from deployments.job_store.base import RUNNING, JobRecord
+    from deployments.payloads import GenerationSpec, PromptEmbeddings
+    from deployments.sampling import SamplingParams
+
+    store.create(JobRecord(job_id, "job", "t", {}, status=RUNNING, lease_expires=1e12))
+    g = torch.Generator().manual_seed(seed)
+    return DenoiseItem(
+        GenerationSpec(job_id, SamplingParams(height, width, steps, guidance, (seed,))),
+        PromptEmbeddings(job_id, torch.randn(1, 512, 32, generator=g), torch.randn(1, 32, generator=g)),
+    )
+
+
+def alone(group, it):
+    """The request mode's latents for the item run by itself."""
+    from deployments.denoise_loop import stack_inputs
+
+    return asyncio.run(group.run(stack_inputs([it])))
+
+
+def assert_alone(group, it, got, label: str):
+    import torch
+
+    want = alone(group, it)
+    assert isinstance(got, torch.Tensor), got
+    assert got.shape == want.shape
+    MAX_DIFFS[f"{label}:{it.spec.request_id}"] = (got - want).abs().max().item()
+    torch.testing.assert_close(got, want, **LATENT_TOL)
+    assert want.abs().max().item() > 0.1  # real latents
+    assert (got - alone(group, replace_seed(it))).abs().max().item() > 0.1  # another seed differs
+
+
+def replace_seed(it):
+    from dataclasses import replace
+
+    sampling = it.spec.sampling.with_seeds((it.spec.sampling.seeds[0] + 1,))
+    return replace(it, spec=replace(it.spec, sampling=sampling))
+
+
+def steps_of(store, job_id: str) -> list[dict]:
+    return [e.data for e in store.events(job_id) if e.type == "step"]
+
+
+async def until(store, job_id: str, step: int) -> int:
+    """Wait until `job_id` has logged step `step`; how many steps it has logged by then."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BOUND_S
+    while loop.time() < deadline:
+        logged = await asyncio.to_thread(steps_of, store, job_id)
+        if len(logged) >= step:
+            return len(logged)
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{job_id} did not reach step {step}")
+
+
+def scheduler(group, store):
+    from deployments.progress import StageProgress
+    from deployments.step_scheduler import StepScheduler
+
+    return StepScheduler(group, StageProgress(store, "denoiser"), max_rows=8)
+
+
+def test_requests_of_different_steps_and_guidance_share_steps(group, store):
+    a, b = item(store, "a", steps=3, guidance=2.0, seed=11), item(store, "b", steps=7, guidance=5.0, seed=12)
+
+    async def scenario():
+        sched = scheduler(group, store)
+        return await asyncio.gather(sched.submit(a), sched.submit(b))
+
+    got_a, got_b = asyncio.run(scenario())
+    steps_a, steps_b = steps_of(store, "a"), steps_of(store, "b")
+    assert [s["step"] for s in steps_a] == [1, 2, 3] and {s["steps"] for s in steps_a} == {3}
+    assert [s["step"] for s in steps_b] == list(range(1, 8)) and {s["steps"] for s in steps_b} == {7}
+    assert [s["rows"] for s in steps_a] == [2, 2, 2]
+    assert [s["rows"] for s in steps_b] == [2, 2, 2, 1, 1, 1, 1]  # a left after its 3 steps
+    stages = [(e.data["state"], e.data["batch_size"]) for e in store.events("b") if e.type == "stage"]
+    assert stages == [("started", 2), ("finished", 2)]
+    assert_alone(group, a, got_a, "share")
+    assert_alone(group, b, got_b, "share")
+
+
+def test_a_request_joins_a_running_one_at_a_step_boundary(group, store):
+    # a runs long enough (tens of ms a step) that b surely comes while it runs
+    a, b = item(store, "a", steps=30, guidance=3.5, seed=21), item(store, "b", steps=3, guidance=1.5, seed=22)
+
+    async def scenario():
+        sched = scheduler(group, store)
+        first = asyncio.ensure_future(sched.submit(a))
+        await until(store, "a", 2)
+        second = asyncio.ensure_future(sched.submit(b))
+        return await first, await second
+
+    got_a, got_b = asyncio.run(scenario())
+    steps_a, steps_b = steps_of(store, "a"), steps_of(store, "b")
+    assert [s["step"] for s in steps_a] == list(range(1, 31))
+    assert steps_a[0]["rows"] == steps_a[1]["rows"] == 1  # a ran alone before b came
+    assert [s["rows"] for s in steps_b] == [2, 2, 2]  # b joined a at a boundary, first step shared
+    assert sum(s["rows"] == 2 for s in steps_a) == 3
+    assert_alone(group, a, got_a, "join")
+    assert_alone(group, b, got_b, "join")
+
+
+def test_a_cancelled_request_leaves_within_one_step(group, store):
+    """b: its job's cancel flag (a DELETE); c: its caller went away (the task cancelled)."""
+    from deployments.payloads import Cancelled
+
+    a = item(store, "a", steps=40, guidance=3.5, seed=31)
+    b = item(store, "b", steps=40, guidance=4.0, seed=32)
+    c = item(store, "c", steps=40, guidance=2.5, seed=33)
+
+    async def scenario():
+        sched = scheduler(group, store)
+        calls = [asyncio.ensure_future(sched.submit(x)) for x in (a, b, c)]
+        await until(store, "b", 3)
+        await asyncio.to_thread(store.request_cancel, "b", retention_s=60)
+        logged_b = len(await asyncio.to_thread(steps_of, store, "b"))
+        calls[2].cancel()
+        logged_c = len(await asyncio.to_thread(steps_of, store, "c"))
+        got_a, got_b = await calls[0], await calls[1]
+        with pytest.raises(asyncio.CancelledError):
+            await calls[2]
+        await sched.progress.flush()
+        assert not sched._running and not sched._waiting
+        return got_a, got_b, logged_b, logged_c
+
+    got_a, got_b, logged_b, logged_c = asyncio.run(scenario())
+    assert isinstance(got_b, Cancelled) and got_b.stage == "denoiser"
+    # The flags are read after the steps reported so far are written: at most the step in flight
+    # when the flag was set is computed after it.
+    assert 3 <= got_b.steps_done <= logged_b + 1, (got_b, logged_b)
+    assert [s["step"] for s in steps_of(store, "b")] == list(range(1, got_b.steps_done + 1))
+    steps_c = steps_of(store, "c")
+    assert len(steps_c) <= logged_c + 1 < 40, (steps_c, logged_c)
+    rows_a = [s["rows"] for s in steps_of(store, "a")]
+    assert rows_a[0] == 3 and rows_a[-1] == 1, rows_a
+    print(f"\ncancel: b stopped after {got_b.steps_done} steps ({logged_b} logged when flagged);"
+          f" c after {len(steps_c)} ({logged_c} logged when its caller went away); a rows {rows_a}")
+    assert_alone(group, a, got_a, "cancel")
+
+
+def test_a_request_of_another_size_waits_and_blocks_later_ones(group, store):
+    """FIFO: b (another size) waits for a to end, then runs alone; c (a's size) came after b, so it
+    does not overtake b by joining a."""
+    a = item(store, "a", steps=20, guidance=3.5, seed=41)
+    b = item(store, "b", steps=3, guidance=3.5, seed=42, width=64, height=64)
+    c = item(store, "c", steps=2, guidance=3.5, seed=43)
+
+    async def scenario():
+        sched = scheduler(group, store)
+        first = asyncio.ensure_future(sched.submit(a))
+        await until(store, "a", 1)
+        rest = asyncio.gather(sched.submit(b), sched.submit(c))
+        return (await first, *await rest)
+
+    got_a, got_b, got_c = asyncio.run(scenario())
+    assert {s["rows"] for s in steps_of(store, "a")} == {1}
+    assert [s["rows"] for s in steps_of(store, "b")] == [1, 1, 1]
+    assert [s["rows"] for s in steps_of(store, "c")] == [1, 1]
+    log, _ = store.tail(0, 1.0)  # every job's events, in append order
+    stages = [(e.job_id, e.data["state"]) for e in log if e.type == "stage"]
+    assert stages == [("a", "started"), ("a", "finished"), ("b", "started"), ("b", "finished"), ("c", "started"), ("c", "finished")]
+    assert_alone(group, a, got_a, "fifo")
+    assert_alone(group, b, got_b, "fifo")
+    assert_alone(group, c, got_c, "fifo")
+
+
+
+def test_a_failed_step_fails_the_running_requests_and_the_next_ones_run(group, store):
+    """A join whose embeddings do not fit the transformer fails the call on the rank: the requests
+    in that call get StageFailure, the rows are cleared, and the loop goes on with a later one."""
+    import torch
+    from dataclasses import replace
+
+    from deployments.errors import StageFailure
+
+    a = item(store, "a", steps=30, guidance=3.5, seed=51)
+    bad = item(store, "bad", steps=3, guidance=3.5, seed=52)
+    bad = replace(bad, embeddings=replace(bad.embeddings, prompt_embeds=torch.randn(1, 512, 31)))
+    c = item(store, "c", steps=3, guidance=3.5, seed=53)
+
+    async def scenario():
+        sched = scheduler(group, store)
+        first = asyncio.ensure_future(sched.submit(a))
+        await until(store, "a", 2)
+        failed = await asyncio.gather(first, sched.submit(bad))
+        return failed, await sched.submit(c)
+
+    (got_a, got_bad), got_c = asyncio.run(scenario())
+    assert isinstance(got_a, StageFailure) and isinstance(got_bad, StageFailure)
+    assert group.broken is None
+    assert [s["rows"] for s in steps_of(store, "c")] == [1, 1, 1]
+    assert_alone(group, c, got_c, "failure")
+
+
+def test_one_app_in_step_mode_over_http(ray_cluster, reference):
+    """The whole DAG with the Denoiser in step mode: requests of different steps, guidance and n
+    come back with diffusers' images, and the denoiser's trace reports the rows they shared."""
+    from ray import serve
+
+    from serve_app.app import build_app
+    from tests.helpers import b64_image, batch_sizes, concurrently, generate, max_level_diff
+    from tests.integration.conftest import own_store
+
+    args = {**TEST_ARGS, "denoiser": {**TEST_ARGS["denoiser"], "batching": {"max_batch_size": 8, "mode": "step"}}}
+    serve.run(build_app(own_store(args, "step")), name="step", route_prefix="/step")
+    try:
+        url = ray_cluster + "/step"
+        bodies = [
+            {"prompt": "a red apple", "seed": 1, "size": "128x128", "num_inference_steps": 6},
+            {"prompt": "a green pear", "seed": 2, "size": "128x128", "num_inference_steps": 3, "guidance_scale": 6.0, "n": 2},
+        ]
+        responses = concurrently(lambda b: generate(url, b), bodies, workers=2)
+        assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
+        print(f"\nHTTP step mode: denoiser rows per request {[batch_sizes(r)['denoiser'] for r in responses]}")
+        for body, r in zip(bodies, responses):
+            refs = reference.images(
+                body["prompt"], body["seed"], width=128, height=128, steps=body["num_inference_steps"],
+                guidance=body.get("guidance_scale", 3.5), n=body.get("n", 1),
+            )
+            images = [b64_image(d["b64_json"]) for d in r.json()["data"]]
+            assert len(images) == len(refs)
+            for image, ref in zip(images, refs):
+                assert max_level_diff(image, ref) <= 1, body
+    finally:
+        serve.delete("step")

@@ -1,0 +1,66 @@
+"""`denoiser.batching.mode: step` (step-level batching) is accepted only where it can run: a family
+with per-row denoising (FLUX), one rank, no step cache; other stages refuse it."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from serve_app.config import AppConfig
+
+
+def config(family: str, denoiser: dict, **stages):
+    return AppConfig.model_validate(
+        {"model": {"path": f"builtin:tiny-{family}"}, "denoiser": denoiser, **stages}
+    )
+
+
+def test_step_mode_is_accepted_for_flux_and_request_stays_the_default():
+    assert AppConfig().denoiser.batching.mode == "request"
+    assert config("flux", {"batching": {"mode": "step"}}).denoiser.batching.mode == "step"
+
+
+@pytest.mark.parametrize(
+    "family, denoiser, message",
+    [
+        ("sd3", {}, "denoiser.batching.mode step needs per-row denoising, which sd3"),
+        ("pixart", {}, "denoiser.batching.mode step needs per-row denoising, which pixart"),
+        ("flux", {"ulysses_degree": 2}, "denoiser.batching.mode step runs on one rank.*world_size 2"),
+        ("flux", {"step_cache": {"kind": "first_block"}}, "denoiser.batching.mode step with denoiser.step_cache"),
+    ],
+)
+def test_step_mode_is_refused_where_it_cannot_run(family, denoiser, message):
+    with pytest.raises(ValidationError, match=message):
+        config(family, {**denoiser, "batching": {"mode": "step"}})
+
+
+@pytest.mark.parametrize("stage", ["text_encoder", "vae_decoder"])
+def test_other_stages_refuse_step_mode(stage):
+    with pytest.raises(ValidationError, match=f"{stage}.batching.mode step"):
+        config("flux", {}, **{stage: {"batching": {"mode": "step"}}})
+
+
+def test_the_registry_says_which_families_have_rows():
+    """`FamilySpec.step_rows` (read by the torch-free config) matches the family modules."""
+    from deployments.families.specs import family_names, family_spec, load_family
+
+    for name in family_names():
+        assert family_spec(name).step_rows == hasattr(load_family(name).Denoising, "prepare_rows"), name
+
+
+def test_previews_are_a_400_naming_partial_images_in_step_mode():
+    """Step mode makes no previews yet: asking for them is refused, not silently ignored."""
+    from deployments.errors import InvalidParameter
+    from serve_app.planning import Planner
+    from serve_app.protocol import ImageGenerationRequest
+
+    def plan(mode: str, partial_images: int):
+        planner = Planner(config("flux", {"batching": {"mode": mode}}))
+        req = ImageGenerationRequest(prompt="a fox", stream=True, partial_images=partial_images)
+        return planner.plan(req, "job_" + "0" * 24)
+
+    with pytest.raises(InvalidParameter, match="partial_images") as refused:
+        plan("step", 2)
+    assert refused.value.param == "partial_images"
+    assert plan("step", 0)[1].partial_images == 0
+    assert plan("request", 2)[1].partial_images == 2
