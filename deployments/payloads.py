@@ -36,6 +36,9 @@ class GenerationSpec:
     output_format: str = "png"
     output_compression: Optional[int] = None
     partial_images: int = 0  # previews of image 0 the denoiser emits along the way (0-3)
+    # Step-level batching (`deployments.step_scheduler`) orders, pauses and refuses by these:
+    priority: int = 0  # the request's priority (higher first)
+    deadline_at: Optional[float] = None  # wall clock (time.time()) by which it must end, if any
 
     @property
     def n(self) -> int:

@@ -200,32 +200,34 @@ class DenoiseWorker:
     # Step-level batching (`deployments.step_scheduler`): requests join and leave between calls;
     # each call forwards every row kept, each row at its own step.
     @ray.method(concurrency_group="compute")
-    def rows_step(self, joins, drops) -> RowsReport:
+    def rows_step(self, joins, drops, paused=()) -> RowsReport:
         """Forget `drops` (request ids), prepare `joins` ((request id, DenoiseInputs) pairs), then
-        one forward over every kept row (none: nothing forwarded). Requests whose rows are all done
-        are returned (rank 0) and forgotten. Out of memory, every row is dropped and the memory
-        freed before it raises (as `step` does)."""
+        one forward over every kept row except those of the `paused` requests, which keep their
+        state for a later call (none: nothing forwarded). Requests whose rows are all done are
+        returned (rank 0) and forgotten. Out of memory, every row is dropped and the memory freed
+        before it raises (as `step` does)."""
         for request_id in drops:
             self._rows.pop(request_id, None)
-        return forward_freeing(self._rows_step, joins, on_oom=self._forget_rows)
+        return forward_freeing(self._rows_step, joins, set(paused), on_oom=self._forget_rows)
 
     def _forget_rows(self) -> None:
         self._rows = {}
 
-    def _rows_step(self, joins) -> RowsReport:
+    def _rows_step(self, joins, paused: set) -> RowsReport:
         import time
 
         started = time.perf_counter()
         for request_id, inputs in joins:
             self._rows.pop(request_id, None)  # a rejoin replaces (keeps insertion order honest)
             self._rows[request_id] = self._denoising.prepare_rows(inputs)
-        rows = [row for kept in self._rows.values() for row in kept]
+        forwarded = [rid for rid in self._rows if rid not in paused]
+        rows = [row for rid in forwarded for row in self._rows[rid]]
         if rows:
             inject_oom("denoiser step", len(rows), rows[0].height, rows[0].width)
             self._denoising.forward_rows(rows)
-        steps = {rid: kept[0].step_index for rid, kept in self._rows.items()}
+        steps = {rid: self._rows[rid][0].step_index for rid in forwarded}
         finished = {}
-        for rid in [rid for rid, kept in self._rows.items() if all(r.done for r in kept)]:
+        for rid in [rid for rid in forwarded if all(r.done for r in self._rows[rid])]:
             kept = self._rows.pop(rid)
             if self.rank == 0:
                 import torch
@@ -369,13 +371,13 @@ class WorkerGroup:
         refs = [w.step.remote(keep, list(preview_rows), inputs) for w in self._workers]
         return self._first(self._all(refs, self._timeout_s, "step"))
 
-    def rows_step(self, joins: Sequence[tuple[str, Any]], drops: Sequence[str]):
+    def rows_step(self, joins: Sequence[tuple[str, Any]], drops: Sequence[str], paused: Sequence[str] = ()):
         """Step-level batching: send one `rows_step` to every rank now; await it for rank 0's
         `RowsReport`. The joins' inputs go once, through the object store."""
         if self.broken:
             raise WorkerGroupBroken(self.broken)
         joined = ray.put(list(joins)) if joins else []
-        refs = [w.rows_step.remote(joined, list(drops)) for w in self._workers]
+        refs = [w.rows_step.remote(joined, list(drops), list(paused)) for w in self._workers]
         return self._first(self._all(refs, self._timeout_s, "rows_step"))
 
     async def rows_reset(self) -> None:

@@ -9,9 +9,16 @@ Between two calls the scheduler, and only it, decides (the ranks never do):
   - stop: running or waiting requests whose stop flag is set (a DELETE anywhere, an ended job, a
     caller that went away: `StageProgress.stopped`) leave; running ones are dropped on the ranks
     with the next call, and their callers get `Cancelled(id, "denoiser", steps done)`;
-  - admit: waiting requests in arrival order (FIFO) while the head has the running rows' size
-    (height, width) and fits `max_rows`; a head that does not fit blocks everyone behind it until
-    rows leave (no starvation of big or other-size requests).
+  - plan: every request here (running, paused or waiting) in order of priority, then arrival;
+    the call computes the longest prefix of that order that shares the first one's size (height,
+    width) and fits `max_rows` transformer rows (a request with classifier-free guidance counts
+    twice). A request that does not fit blocks everyone behind it (no starvation of big or
+    other-size requests within a priority). Waiting requests in the prefix join; running requests
+    left out of it are paused: their rows stay on the ranks, latents and scheduler state and all,
+    and resume where they stopped when they are back in the prefix, with the image they would
+    have had (each row has its own scheduler and generator);
+  - refuse: a request whose deadline cannot be met (now + its remaining steps x the recent time
+    of a call) is answered `DeadlineExceeded` before it joins, instead of running late.
 After each call it reports a `step` event per forwarded request (its own step and step count, and
 `rows`: how many rows the forward had), `stage` started/finished events as requests join and end,
 the step's metrics, and hands finished requests their latents.
@@ -35,7 +42,7 @@ from typing import Any, Callable, Optional
 
 from deployments import events
 from deployments.denoise_loop import STAGE, DenoiseItem, stack_inputs
-from deployments.errors import StageFailure, Unavailable
+from deployments.errors import DeadlineExceeded, StageFailure, Unavailable
 from deployments.payloads import Cancelled, Latents, Rejected, StageTrace
 from deployments.progress import StageProgress
 from deployments.runtime import logger
@@ -46,6 +53,7 @@ from deployments.sp_group import WorkerGroupBroken
 class _Entry:
     item: DenoiseItem
     future: asyncio.Future
+    seq: int = 0  # arrival order
     steps_done: int = 0
     joined: float = 0.0  # perf_counter when it joined the running rows
     max_rows: int = 0  # the largest forward it shared (its trace's batch size)
@@ -63,6 +71,19 @@ class _Entry:
     def size(self) -> tuple[int, int]:
         return self.item.spec.sampling.size_key
 
+    @property
+    def rows(self) -> int:
+        """Transformer rows per call: each image twice with classifier-free guidance."""
+        return self.n * (2 if self.item.embeddings.negative_prompt_embeds is not None else 1)
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return (-self.item.spec.priority, self.seq)
+
+    @property
+    def steps_left(self) -> int:
+        return self.item.spec.sampling.num_inference_steps - self.steps_done
+
 
 @dataclass
 class StepScheduler:
@@ -71,8 +92,11 @@ class StepScheduler:
     max_rows: int
     on_broken: Callable[[str], None] = lambda reason: None
     _waiting: deque = field(default_factory=deque)
-    _running: dict = field(default_factory=dict)  # request id -> _Entry, in join order
+    _running: dict = field(default_factory=dict)  # request id -> _Entry with rows on the ranks
+    _paused: set = field(default_factory=set)  # ids of running requests the last call left out
     _task: Optional[asyncio.Task] = None
+    _arrivals: int = 0
+    _call_s: Optional[float] = None  # recent time of one call (moving average): deadline estimates
 
     async def submit(self, item: DenoiseItem):
         """The request's latents (CPU, its rows), or `Cancelled`, or the error value (`Unavailable`,
@@ -80,7 +104,11 @@ class StepScheduler:
         return (await self.submit_traced(item))[0]
 
     async def submit_traced(self, item: DenoiseItem) -> tuple[Any, Optional[StageTrace]]:
-        entry = _Entry(item, asyncio.get_running_loop().create_future())
+        self._arrivals += 1
+        entry = _Entry(item, asyncio.get_running_loop().create_future(), seq=self._arrivals)
+        late = self._late(entry)
+        if late is not None:
+            return late, None
         self._waiting.append(entry)
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._loop())
@@ -122,12 +150,12 @@ class StepScheduler:
         for entry in [e for e in self._waiting if e.id in stopped]:
             self._waiting.remove(entry)
             self._end(entry, Cancelled(entry.id, STAGE, 0))
-        joins = self._admit()
+        joins, paused = self._plan()
         if not (self._running or drops):
             return
         try:
             report = await self.group.rows_step(
-                [(e.id, stack_inputs([e.item])) for e in joins], drops
+                [(e.id, stack_inputs([e.item])) for e in joins], drops, paused
             )
         except WorkerGroupBroken as exc:
             self._broken(exc)
@@ -150,27 +178,59 @@ class StepScheduler:
         for entry in self._everyone():
             self._end(entry, Unavailable("the denoiser is restarting; retry the request"))
 
-    def _admit(self) -> list[_Entry]:
-        """FIFO: the head joins while it has the running rows' size and fits; else all wait."""
-        rows = sum(e.n for e in self._running.values())
-        size = next(iter(self._running.values())).size if self._running else None
-        joins, now, started = [], time.perf_counter(), time.time()
-        while self._waiting:
-            head = self._waiting[0]
-            if (size is not None and head.size != size) or (rows and rows + head.n > self.max_rows):
+    def _plan(self) -> tuple[list[_Entry], list[str]]:
+        """This call's joins and the running requests it leaves out (paused): see the module
+        docstring. Waiting requests whose deadline can no longer be met are refused first."""
+        for entry in list(self._waiting):
+            late = self._late(entry)
+            if late is not None:
+                self._end(entry, late)
+        chosen, rows, size = [], 0, None
+        for entry in sorted(self._everyone(), key=lambda e: e.order):
+            size = entry.size if size is None else size
+            if entry.size != size or (rows and rows + entry.rows > self.max_rows):
                 break
-            self._waiting.popleft()
-            head.joined, size, rows = now, head.size, rows + head.n
-            self._running[head.id] = head
-            joins.append(head)
-            if head.item.reports:
-                self.progress.metrics.waited(head.item.embeddings.ready_at, started)
+            chosen.append(entry)
+            rows += entry.rows
+        joins = [e for e in chosen if e.id not in self._running]
+        started = time.time()
+        for entry in joins:
+            self._waiting.remove(entry)
+            entry.joined = time.perf_counter()
+            self._running[entry.id] = entry
+            if entry.item.reports:
+                self.progress.metrics.waited(entry.item.embeddings.ready_at, started)
         self.progress.emit([events.stage_started(e.id, STAGE, rows) for e in joins])
-        return joins
+        chosen_ids = {e.id for e in chosen}
+        paused = [rid for rid in self._running if rid not in chosen_ids]
+        for rid in set(paused) ^ self._paused:
+            logger.info("denoiser: request %s %s", rid, "paused" if rid in paused else "resumed")
+        self._paused = set(paused)
+        return joins, paused
+
+    def _late(self, entry: _Entry):
+        """`Rejected` with `DeadlineExceeded` if the request cannot end by its deadline, else None."""
+        deadline_at = entry.item.spec.deadline_at
+        if deadline_at is None or self._call_s is None:
+            return None
+        left, needed = deadline_at - time.time(), entry.steps_left * self._call_s
+        if needed <= left:
+            return None
+        return Rejected(
+            entry.id,
+            DeadlineExceeded(
+                f"request {entry.id} cannot finish within its deadline: its {entry.steps_left}"
+                f" steps need about {needed:.1f} s at the denoiser's current pace, and"
+                f" {max(left, 0.0):.1f} s are left",
+                "deadline_s",
+            ),
+        )
 
     def _reported(self, report) -> None:
         if report.rows:
             self.progress.metrics.step(report.rows, report.seconds)
+            previous = report.seconds if self._call_s is None else self._call_s
+            self._call_s = 0.8 * previous + 0.2 * report.seconds
         step_events = []
         for rid, step in report.steps.items():
             entry = self._running[rid]
@@ -190,6 +250,7 @@ class StepScheduler:
 
     def _end(self, entry: _Entry, outcome) -> None:
         self._running.pop(entry.id, None)
+        self._paused.discard(entry.id)
         if entry in self._waiting:
             self._waiting.remove(entry)
         self.progress.forget([entry.id])

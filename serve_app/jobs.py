@@ -260,6 +260,7 @@ class Jobs:
         encode_request, spec = self.planner.plan(req, record.id)
         deadline_s = record.request.get("deadline_s")
         deadline_at = None if deadline_s is None else record.created_at + deadline_s
+        spec = replace(spec, priority=record.priority, deadline_at=deadline_at)
         if deadline_at is not None and time.time() >= deadline_at:
             return Outcome("failed", exception=self._deadline_error(record))
         await self.log(record.id, "dispatched", {"attempt": attempt})

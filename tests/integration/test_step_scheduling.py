@@ -46,8 +46,9 @@ def store(tmp_path):
     return open_job_store("sqlite", path=str(tmp_path / "jobs.db"))
 
 
-def item(store, job_id: str, steps: int, guidance: float, seed: int, width: int = 128, height: int = 64):
-    """A denoiser item with random embeddings (one image), its job record running in `store`."""
+def item(store, job_id: str, steps: int, guidance: float, seed: int, width: int = 128, height: int = 64, **spec):
+    """A denoiser item with random embeddings (one image), its job record running in `store`;
+    `spec`: more GenerationSpec fields (priority, deadline_at)."""
     import torch
 
     from deployments.denoise_loop import DenoiseItem
@@ -58,7 +59,7 @@ def item(store, job_id: str, steps: int, guidance: float, seed: int, width: int 
     store.create(JobRecord(job_id, "job", "t", {}, status=RUNNING, lease_expires=1e12))
     g = torch.Generator().manual_seed(seed)
     return DenoiseItem(
-        GenerationSpec(job_id, SamplingParams(height, width, steps, guidance, (seed,))),
+        GenerationSpec(job_id, SamplingParams(height, width, steps, guidance, (seed,)), **spec),
         PromptEmbeddings(job_id, torch.randn(1, 512, 32, generator=g), torch.randn(1, 32, generator=g)),
     )
 
@@ -105,11 +106,11 @@ async def until(store, job_id: str, step: int) -> int:
     raise AssertionError(f"{job_id} did not reach step {step}")
 
 
-def scheduler(group, store):
+def scheduler(group, store, max_rows: int = 8):
     from deployments.progress import StageProgress
     from deployments.step_scheduler import StepScheduler
 
-    return StepScheduler(group, StageProgress(store, "denoiser"), max_rows=8)
+    return StepScheduler(group, StageProgress(store, "denoiser"), max_rows=max_rows)
 
 
 def test_requests_of_different_steps_and_guidance_share_steps(group, store):
@@ -215,6 +216,71 @@ def test_a_request_of_another_size_waits_and_blocks_later_ones(group, store):
     assert_alone(group, b, got_b, "fifo")
     assert_alone(group, c, got_c, "fifo")
 
+
+
+def test_a_higher_priority_request_pauses_a_lower_one_which_resumes_with_its_own_image(group, store):
+    """One row a call: b (priority 5) comes while a (priority 0) runs; a is paused at the next
+    boundary, b runs its steps, then a resumes where it stopped and ends with its solo latents."""
+    a = item(store, "a", steps=20, guidance=3.5, seed=61)
+    b = item(store, "b", steps=4, guidance=2.0, seed=62, priority=5)
+
+    async def scenario():
+        sched = scheduler(group, store, max_rows=1)
+        first = asyncio.ensure_future(sched.submit(a))
+        await until(store, "a", 3)
+        got_b = await sched.submit(b)
+        return await first, got_b
+
+    got_a, got_b = asyncio.run(scenario())
+    log, _ = store.tail(0, 1.0)
+    steps = [(e.job_id, e.data["step"]) for e in log if e.type == "step"]
+    first_b, last_b = steps.index(("b", 1)), steps.index(("b", 4))
+    assert [job for job, _ in steps[first_b : last_b + 1]] == ["b"] * 4  # a paused meanwhile
+    assert [n for job, n in steps if job == "a"] == list(range(1, 21))  # and resumed, no step lost
+    assert {e.data["rows"] for e in log if e.type == "step"} == {1}
+    assert 3 <= steps[first_b - 1][1] < 20 and steps[first_b - 1][0] == "a"
+    assert_alone(group, a, got_a, "preempt")
+    assert_alone(group, b, got_b, "preempt")
+
+
+def test_equal_priorities_keep_arrival_order(group, store):
+    """No preemption among equals: with one row a call, b waits for a to end."""
+    a = item(store, "a", steps=6, guidance=3.5, seed=71)
+    b = item(store, "b", steps=2, guidance=3.5, seed=72)
+
+    async def scenario():
+        sched = scheduler(group, store, max_rows=1)
+        first = asyncio.ensure_future(sched.submit(a))
+        await until(store, "a", 1)
+        return await first, await sched.submit(b)
+
+    asyncio.run(scenario())
+    log, _ = store.tail(0, 1.0)
+    assert [e.job_id for e in log if e.type == "step"] == ["a"] * 6 + ["b"] * 2
+
+
+def test_a_deadline_that_cannot_be_met_is_refused_before_it_runs(group, store):
+    """Once the scheduler knows how long a call takes, a request whose steps cannot end by its
+    deadline is answered DeadlineExceeded (naming deadline_s) without a step; one that can, runs."""
+    import time
+
+    from deployments.errors import DeadlineExceeded
+    from deployments.payloads import Rejected
+
+    warm = item(store, "warm", steps=2, guidance=3.5, seed=81)
+
+    async def scenario():
+        sched = scheduler(group, store)
+        await sched.submit(warm)  # the pace of a call is measured from here on
+        hopeless = item(store, "late", steps=40, guidance=3.5, seed=82, deadline_at=time.time() + 0.001)
+        fine = item(store, "fine", steps=2, guidance=3.5, seed=83, deadline_at=time.time() + BOUND_S)
+        return await sched.submit(hopeless), await sched.submit(fine), fine
+
+    late, got_fine, fine = asyncio.run(scenario())
+    assert isinstance(late, Rejected) and isinstance(late.error, DeadlineExceeded)
+    assert late.error.param == "deadline_s" and "cannot finish within its deadline" in late.error.message
+    assert steps_of(store, "late") == []
+    assert_alone(group, fine, got_fine, "deadline")
 
 
 def test_a_failed_step_fails_the_running_requests_and_the_next_ones_run(group, store):
