@@ -94,12 +94,12 @@ def run_points(target, bodies: list[dict], ns: argparse.Namespace) -> dict:
     for c in ns.concurrency:
         with GpuSampler() as gpu:
             records, wall = closed_loop(target.send, bodies, c, ns.max_seconds, ns.timeout)
-        result["closed"].append({"concurrency": c, **summarize(records, wall, len(bodies)), "gpu_util_mean": gpu.mean})
+        result["closed"].append({"concurrency": c, **summarize(records, wall, len(bodies), bodies), "gpu_util_mean": gpu.mean})
         print(f"  {target.name}: closed c={c} done in {wall:.1f} s", flush=True)
     for rate in ns.rates:
         with GpuSampler() as gpu:
             records, wall = open_loop(target.send, bodies, rate, ns.seed, ns.max_seconds, ns.timeout)
-        result["open"].append({"rate": rate, **summarize(records, wall, len(bodies)), "gpu_util_mean": gpu.mean})
+        result["open"].append({"rate": rate, **summarize(records, wall, len(bodies), bodies), "gpu_util_mean": gpu.mean})
         print(f"  {target.name}: open {rate:g}/s done in {wall:.1f} s", flush=True)
     return result
 

@@ -218,8 +218,18 @@ def stage_figures(records: list[Record]) -> tuple[dict, dict]:
     return batch, {s: float(np.mean(v)) for s, v in times.items()}
 
 
-def summarize(records: list[Record], wall: float, planned: int) -> dict:
-    """The figures of one load point."""
+def latency_by_steps(records: list[Record], bodies: list[dict]) -> dict:
+    """Latency figures of the 200s per step count (`num_inference_steps` of each record's body),
+    for workloads that mix short and long requests."""
+    groups: dict[int, list[float]] = defaultdict(list)
+    for r in records:
+        if r.outcome.status == 200:
+            groups[int(bodies[r.index].get("num_inference_steps", 0))].append(r.latency)
+    return {str(steps): {"ok": len(v), **latency_stats(v)} for steps, v in sorted(groups.items())}
+
+
+def summarize(records: list[Record], wall: float, planned: int, bodies: list[dict] | None = None) -> dict:
+    """The figures of one load point (with `bodies`, also its latency per step count)."""
     ok = [r for r in records if r.outcome.status == 200]
     images = sum(r.outcome.images for r in ok)
     codes = Counter(str(r.outcome.status) for r in records)
@@ -239,6 +249,7 @@ def summarize(records: list[Record], wall: float, planned: int) -> dict:
         "requests_per_s": len(ok) / wall if wall > 0 else None,
         "batch_sizes": batch or None,
         "stage_time_s": stage_time or None,
+        "latency_by_steps_s": latency_by_steps(records, bodies) if bodies else None,
     }
 
 

@@ -16,6 +16,7 @@ import requests
 
 from bench.loadgen import (
     Outcome,
+    Record,
     closed_loop,
     draw_requests,
     open_loop,
@@ -90,6 +91,19 @@ def test_workload_draw_is_deterministic_and_follows_the_weights():
     assert all("weight" not in b and b["prompt"] and b["n"] == 1 for b in draw)
     assert len({b["seed"] for b in draw}) == len(draw)
     assert all(b["num_inference_steps"] == 4 for b in draw if b["size"] == "256x256")
+
+
+def test_latency_is_also_given_per_step_count():
+    """A mixed workload's short and long requests get their own percentiles (failures left out)."""
+    bodies = [{"num_inference_steps": 8}, {"num_inference_steps": 50}, {"num_inference_steps": 8}, {"num_inference_steps": 8}]
+    latencies, statuses = [0.2, 1.5, 0.4, 9.0], [200, 200, 200, 429]
+    records = [Record(i, 0.0, 0.0, lat, Outcome(code, images=1)) for i, (lat, code) in enumerate(zip(latencies, statuses))]
+    by_steps = summarize(records, 2.0, 4, bodies)["latency_by_steps_s"]
+    assert set(by_steps) == {"8", "50"}
+    assert by_steps["8"]["ok"] == 2 and by_steps["8"]["max"] == pytest.approx(0.4)
+    assert by_steps["8"]["p50"] == pytest.approx(0.3)
+    assert by_steps["50"]["ok"] == 1 and by_steps["50"]["p99"] == pytest.approx(1.5)
+    assert summarize(records, 2.0, 4)["latency_by_steps_s"] is None
 
 
 def test_poisson_schedule_is_seeded():
