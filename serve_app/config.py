@@ -126,9 +126,10 @@ class BatchingConfig(_Strict):
             "Denoiser only (other stages refuse `step`). `request`: a batch of same-key requests"
             " (size, steps, guidance) runs to its last step before the next starts. `step`:"
             " requests join and leave a running batch at step boundaries, each row at its own"
-            " step, step count and guidance (same size only, max_batch_size rows); FLUX on one"
-            " rank (world_size 1) without step_cache. `request` stays the default because SD3 and"
-            " PixArt have no per-row denoising yet."
+            " step, step count and guidance (same size only, max_batch_size transformer rows, an"
+            " image with classifier-free guidance counting twice); one rank (world_size 1), without"
+            " step_cache, no previews. `request` stays the default until step mode has sequence"
+            " parallelism, previews and out-of-memory splitting."
         ),
     )
 
@@ -802,7 +803,7 @@ class AppConfig(_Strict):
         if not family.step_rows:
             return (
                 f"denoiser.batching.mode step needs per-row denoising, which {family.name} does"
-                " not have yet (flux has it); run sd3 and pixart in mode request for now"
+                " not have; run it in mode request"
             )
         if dn.world_size > 1:
             return (

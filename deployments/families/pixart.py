@@ -11,7 +11,9 @@ ftfy): they are lower-cased and stripped, as the pipeline does without cleaning.
 generated as is (no resolution binning).
 
 PixArt-Sigma's DPM-Solver++ is a multistep scheduler: it keeps each row's last model outputs
-between steps, so dropping rows (`PixArtRun.keep`) drops theirs from the scheduler too.
+between steps, so dropping rows (`PixArtRun.keep`) drops theirs from the scheduler too. For
+step-level batching each image is a `PixArtRow` with a scheduler of its own (`prepare_rows`), so rows
+at different steps, with different step counts and guidance, share `forward_rows` calls.
 
 With a `ParallelContext` of `cfg_degree` 2 the two guidance branches run on two ranks. Sequence
 parallelism (Ulysses/ring) is not available for this family yet: `AppConfig` refuses it.
@@ -20,6 +22,7 @@ parallelism (Ulysses/ring) is not available for this family yet: `AppConfig` ref
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import count
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -35,6 +38,7 @@ from deployments.families.base import (
 )
 from deployments.families.flux import t5_tokens
 from deployments.families.guidance import guided_prediction
+from deployments.families.sd3 import check_rows, guided_rows
 from deployments.families.speed import apply_speed_knobs, cache_context, new_run, padded_call
 from deployments.sampling import SamplingParams
 
@@ -94,6 +98,8 @@ class Denoising:
         self.scheduler_path = load.path
         self.scheduler_config = _scheduler_class(load.path).load_config(load.path, subfolder="scheduler")
         self.vae_scale_factor = vae_scale_factor(load.path)
+        self.rows_forwarded: tuple[int, ...] = ()  # keys of the rows in the last `forward_rows`
+        self._row_keys = count()  # each PixArtRow's key, unique for this Denoising (unlike id())
         if parallel is not None:  # xDiT's groups (the CFG group) for this rank
             from xfuser.core.distributed.runtime_state import initialize_runtime_state
 
@@ -114,15 +120,19 @@ class Denoising:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def schedule(self, scheduler, steps: int) -> tuple[torch.Tensor, int]:
+        """`PixArtSigmaPipeline.__call__`'s timesteps, set on `scheduler`."""
+        from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import retrieve_timesteps
+
+        return retrieve_timesteps(scheduler, steps, self.device)
+
     @torch.no_grad()
     def prepare(self, inputs: DenoiseInputs) -> "PixArtRun":
         """`PixArtSigmaPipeline.__call__` up to its denoising loop, with embeddings given."""
-        from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import retrieve_timesteps
-
         sampling = inputs.sampling
         pipe = self.pipeline()
         dtype = self.transformer.dtype
-        timesteps, steps = retrieve_timesteps(pipe.scheduler, sampling.num_inference_steps, self.device)
+        timesteps, steps = self.schedule(pipe.scheduler, sampling.num_inference_steps)
         generators = [torch.Generator("cpu").manual_seed(s) for s in sampling.seeds]
         latents = pipe.prepare_latents(
             sampling.n,
@@ -150,6 +160,11 @@ class Denoising:
             negative_prompt_embeds=rows(inputs.negative_prompt_embeds),
             negative_prompt_attention_mask=rows(inputs.negative_prompt_attention_mask, torch.long),
         )
+
+    def _learned_sigma(self, latents: torch.Tensor) -> bool:
+        """Whether the transformer also predicts the variance (out_channels = 2 x latent channels):
+        the pipeline then keeps the first half of its channels, the noise."""
+        return self.transformer.config.out_channels // 2 == latents.shape[1]
 
     def _forward(self, run: "PixArtRun", t):
         def forward(hidden_states, branch):
@@ -186,7 +201,7 @@ class Denoising:
             noise_pred = guided_prediction(
                 self._forward(run, t), run.latents, cond, uncond, run.guidance_scale, self.parallel
             )
-        if self.transformer.config.out_channels // 2 == run.latents.shape[1]:  # learned sigma
+        if self._learned_sigma(run.latents):
             noise_pred = noise_pred.chunk(2, dim=1)[0]
         run.latents = run.scheduler.step(noise_pred, t, run.latents, **run.step_kwargs, return_dict=False)[0]
         run.step_index += 1
@@ -204,6 +219,97 @@ class Denoising:
 
     def finish(self, run: "PixArtRun") -> torch.Tensor:
         return run.latents.cpu()
+
+    @torch.no_grad()
+    def prepare_rows(self, inputs: DenoiseInputs) -> list["PixArtRow"]:
+        """`prepare` for one request, kept as one `PixArtRow` per image, each with its own fresh
+        scheduler (DPM-Solver++ keeps a run's last model outputs: a row's history is its own) and
+        its own generator: rows of different requests (step counts, guidance with or without CFG,
+        progress) can then share `forward_rows` calls while their sizes match."""
+        if self.parallel is not None:
+            raise NotImplementedError("PixArt rows do not run with CFG parallelism")
+        sampling = inputs.sampling
+        run = self.prepare(inputs)
+        rows = []
+        for i in range(run.rows):
+            scheduler = _scheduler_class(self.scheduler_path).from_config(self.scheduler_config)
+            timesteps, steps = self.schedule(scheduler, sampling.num_inference_steps)
+            step_kwargs = dict(run.step_kwargs)
+            if isinstance(step_kwargs.get("generator"), list):
+                step_kwargs["generator"] = step_kwargs["generator"][i : i + 1]
+
+            def row(tensor):
+                return None if tensor is None else tensor[i : i + 1]
+
+            rows.append(
+                PixArtRow(
+                    scheduler=scheduler,
+                    step_kwargs=step_kwargs,
+                    timesteps=timesteps,
+                    num_steps=steps,
+                    height=sampling.height,
+                    width=sampling.width,
+                    guidance_scale=float(sampling.guidance_scale),
+                    latents=row(run.latents),
+                    prompt_embeds=row(run.prompt_embeds),
+                    prompt_attention_mask=row(run.prompt_attention_mask),
+                    negative_prompt_embeds=row(run.negative_prompt_embeds),
+                    negative_prompt_attention_mask=row(run.negative_prompt_attention_mask),
+                    key=next(self._row_keys),
+                )
+            )
+        return rows
+
+    @torch.no_grad()
+    def forward_rows(self, rows: Sequence["PixArtRow"]) -> None:
+        """One iteration of `PixArtSigmaPipeline.__call__`'s loop for every row, in one transformer
+        call: each row's latents scaled by its own scheduler, at its own timestep with its own
+        attention masks, a row with CFG as two transformer rows (unconditional and conditional)
+        combined with its own guidance scale, the learned-sigma channels dropped, then each row
+        advanced by its own scheduler. Rows must share height and width."""
+        if not rows:
+            return
+        check_rows(rows, self)
+        t = [r.timesteps[r.step_index] for r in rows]
+        hidden = [r.scheduler.scale_model_input(r.latents, ti) for r, ti in zip(rows, t)]
+
+        def branch(t, embeds, mask):  # what a branch's transformer row is given, besides latents
+            return {
+                "encoder_hidden_states": embeds,
+                "encoder_attention_mask": mask,
+                "timestep": t[None].to(self.device),
+            }
+
+        def forward(hidden_states, batched):
+            return padded_call(
+                self.transformer,
+                self.buckets,
+                {"hidden_states": hidden_states, **batched},
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            )
+
+        with cache_context(self.transformer):
+            noise_preds = guided_rows(
+                forward,
+                hidden,
+                [branch(ti, r.prompt_embeds, r.prompt_attention_mask) for r, ti in zip(rows, t)],
+                [
+                    branch(ti, r.negative_prompt_embeds, r.negative_prompt_attention_mask)
+                    if r.branches == 2
+                    else None
+                    for r, ti in zip(rows, t)
+                ],
+                [r.guidance_scale for r in rows],
+            )
+        for row, ti, noise_pred in zip(rows, t, noise_preds):
+            if self._learned_sigma(row.latents):
+                noise_pred = noise_pred.chunk(2, dim=1)[0]
+            row.latents = row.scheduler.step(noise_pred, ti, row.latents, **row.step_kwargs, return_dict=False)[0]
+            row.step_index += 1
+
+    def finish_row(self, row: "PixArtRow") -> torch.Tensor:
+        """The row's latents on the CPU, (1, channels, h, w)."""
+        return row.latents.cpu()
 
     def denoise(self, inputs: DenoiseInputs) -> torch.Tensor:
         run = self.prepare(inputs)
@@ -283,6 +389,37 @@ class PixArtRun:
         generator = self.step_kwargs.get("generator")
         if isinstance(generator, list):
             self.step_kwargs = {**self.step_kwargs, "generator": [generator[i] for i in rows]}
+
+
+@dataclass(eq=False)
+class PixArtRow:
+    """One image between steps, for step-level batching: its own scheduler (with its own multistep
+    history), generator, timesteps and guidance, and its tensors (batch dimension 1; the negative
+    ones None without CFG)."""
+
+    scheduler: Any
+    step_kwargs: dict
+    timesteps: torch.Tensor
+    num_steps: int
+    height: int
+    width: int
+    guidance_scale: float
+    latents: torch.Tensor  # (1, channels, h, w)
+    prompt_embeds: torch.Tensor
+    prompt_attention_mask: torch.Tensor
+    negative_prompt_embeds: Optional[torch.Tensor]
+    negative_prompt_attention_mask: Optional[torch.Tensor]
+    key: int  # unique among the rows of one Denoising
+    step_index: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= self.num_steps
+
+    @property
+    def branches(self) -> int:
+        """Transformer rows it takes per call: 2 with classifier-free guidance, else 1."""
+        return 1 if self.negative_prompt_embeds is None else 2
 
 
 class Decoding:

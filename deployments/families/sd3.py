@@ -9,6 +9,10 @@ CLIP projections), denoising follows `__call__` step by step (a fresh scheduler 
 decoding follows its tail. Negative prompts are encoded exactly as prompts are, as the pipeline
 does. Not supported: skip-layer guidance and IP-adapters (off by default in diffusers).
 
+For step-level batching, `prepare_rows` keeps each image as an `SD3Row` with its own scheduler, and
+`forward_rows` runs rows at different steps, with different step counts and guidance (with CFG or
+without), in one transformer call (`guided_rows`: a row with CFG takes two transformer rows).
+
 With a `ParallelContext` of `cfg_degree` 2 the two guidance branches run on two ranks. Sequence
 parallelism (Ulysses/ring) is not available for this family yet: `AppConfig` refuses it.
 """
@@ -16,7 +20,8 @@ parallelism (Ulysses/ring) is not available for this family yet: `AppConfig` ref
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from itertools import count
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -104,6 +109,8 @@ class Denoising:
         apply_speed_knobs(self.transformer, load, self.transformer.transformer_blocks)
         self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(load.path, subfolder="scheduler")
         self.vae_scale_factor = vae_scale_factor(load.path)
+        self.rows_forwarded: tuple[int, ...] = ()  # keys of the rows in the last `forward_rows`
+        self._row_keys = count()  # each SD3Row's key, unique for this Denoising (unlike id())
         if parallel is not None:  # xDiT's groups (the CFG group) for this rank
             from xfuser.core.distributed.runtime_state import initialize_runtime_state
 
@@ -128,14 +135,30 @@ class Denoising:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    @torch.no_grad()
-    def prepare(self, inputs: DenoiseInputs) -> "SD3Run":
-        """`StableDiffusion3Pipeline.__call__` up to its denoising loop, with embeddings given."""
+    def schedule(self, scheduler, latents: torch.Tensor, steps: int) -> tuple[torch.Tensor, int]:
+        """`StableDiffusion3Pipeline.__call__`'s timesteps for `latents` (rows, channels, h, w),
+        set on `scheduler` (the resolution shift `mu` where the scheduler shifts dynamically)."""
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
             calculate_shift,
             retrieve_timesteps,
         )
 
+        config, kwargs = scheduler.config, {}
+        if config.get("use_dynamic_shifting", None):
+            patch = self.transformer.config.patch_size
+            seq_len = (latents.shape[2] // patch) * (latents.shape[3] // patch)
+            kwargs["mu"] = calculate_shift(
+                seq_len,
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.16),
+            )
+        return retrieve_timesteps(scheduler, steps, self.device, **kwargs)
+
+    @torch.no_grad()
+    def prepare(self, inputs: DenoiseInputs) -> "SD3Run":
+        """`StableDiffusion3Pipeline.__call__` up to its denoising loop, with embeddings given."""
         sampling = inputs.sampling
         pipe = self.pipeline()
         dtype = self.transformer.dtype
@@ -148,18 +171,7 @@ class Denoising:
             self.device,
             [torch.Generator("cpu").manual_seed(s) for s in sampling.seeds],
         )
-        config, kwargs = pipe.scheduler.config, {}
-        if config.get("use_dynamic_shifting", None):
-            patch = self.transformer.config.patch_size
-            seq_len = (latents.shape[2] // patch) * (latents.shape[3] // patch)
-            kwargs["mu"] = calculate_shift(
-                seq_len,
-                config.get("base_image_seq_len", 256),
-                config.get("max_image_seq_len", 4096),
-                config.get("base_shift", 0.5),
-                config.get("max_shift", 1.16),
-            )
-        timesteps, steps = retrieve_timesteps(pipe.scheduler, sampling.num_inference_steps, self.device, **kwargs)
+        timesteps, steps = self.schedule(pipe.scheduler, latents, sampling.num_inference_steps)
 
         def rows(tensor):
             return None if tensor is None else tensor.to(self.device, dtype)
@@ -229,6 +241,82 @@ class Denoising:
     def finish(self, run: "SD3Run") -> torch.Tensor:
         return run.latents.cpu()
 
+    @torch.no_grad()
+    def prepare_rows(self, inputs: DenoiseInputs) -> list["SD3Row"]:
+        """`prepare` for one request, kept as one `SD3Row` per image, each with its own fresh
+        scheduler: rows of different requests (step counts, guidance with or without CFG,
+        progress) can then share `forward_rows` calls while their sizes match."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if self.parallel is not None:
+            raise NotImplementedError("SD3 rows do not run with CFG parallelism")
+        sampling = inputs.sampling
+        run = self.prepare(inputs)
+        rows = []
+        for i in range(run.rows):
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
+            timesteps, steps = self.schedule(scheduler, run.latents, sampling.num_inference_steps)
+
+            def row(tensor):
+                return None if tensor is None else tensor[i : i + 1]
+
+            rows.append(
+                SD3Row(
+                    scheduler=scheduler,
+                    timesteps=timesteps,
+                    num_steps=steps,
+                    height=sampling.height,
+                    width=sampling.width,
+                    guidance_scale=float(sampling.guidance_scale),
+                    latents=row(run.latents),
+                    prompt_embeds=row(run.prompt_embeds),
+                    pooled_prompt_embeds=row(run.pooled_prompt_embeds),
+                    negative_prompt_embeds=row(run.negative_prompt_embeds),
+                    negative_pooled_prompt_embeds=row(run.negative_pooled_prompt_embeds),
+                    key=next(self._row_keys),
+                )
+            )
+        return rows
+
+    @torch.no_grad()
+    def forward_rows(self, rows: Sequence["SD3Row"]) -> None:
+        """One iteration of `StableDiffusion3Pipeline.__call__`'s loop for every row, in one
+        transformer call: each row at its own timestep, a row with CFG as two transformer rows
+        (unconditional and conditional) combined with its own guidance scale, then each row
+        advanced by its own scheduler. Rows must share height and width."""
+        if not rows:
+            return
+        check_rows(rows, self)
+        t = [r.timesteps[r.step_index] for r in rows]
+
+        def branch(t, embeds, pooled):  # what a branch's transformer row is given, besides latents
+            return {"timestep": t[None], "encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+        def forward(hidden_states, batched):
+            batched = {"hidden_states": hidden_states, **batched}
+            return padded_call(self.transformer, self.buckets, batched, joint_attention_kwargs=None)
+
+        with cache_context(self.transformer):
+            noise_preds = guided_rows(
+                forward,
+                [r.latents for r in rows],
+                [branch(ti, r.prompt_embeds, r.pooled_prompt_embeds) for r, ti in zip(rows, t)],
+                [
+                    branch(ti, r.negative_prompt_embeds, r.negative_pooled_prompt_embeds)
+                    if r.branches == 2
+                    else None
+                    for r, ti in zip(rows, t)
+                ],
+                [r.guidance_scale for r in rows],
+            )
+        for row, ti, noise_pred in zip(rows, t, noise_preds):
+            row.latents = row.scheduler.step(noise_pred, ti, row.latents, return_dict=False)[0]
+            row.step_index += 1
+
+    def finish_row(self, row: "SD3Row") -> torch.Tensor:
+        """The row's latents on the CPU, (1, channels, h, w)."""
+        return row.latents.cpu()
+
     def denoise(self, inputs: DenoiseInputs) -> torch.Tensor:
         run = self.prepare(inputs)
         while run.step_index < run.num_steps:
@@ -288,6 +376,79 @@ class SD3Run:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.index_select(0, index))
+
+
+def check_rows(rows: Sequence[Any], denoising: Any) -> None:
+    """Refuse rows that cannot share one `forward_rows` call (sizes, repeats, done rows), and
+    start the transformer's per-batch state afresh when the set of rows changed."""
+    sizes = sorted({(r.height, r.width) for r in rows})
+    if len(sizes) > 1:
+        named = ", ".join(f"{h}x{w}" for h, w in sizes)
+        raise ValueError(f"rows of different sizes cannot share a transformer call (height x width: {named})")
+    keys = tuple(r.key for r in rows)
+    if len(set(keys)) < len(keys) or any(r.done for r in rows):
+        raise ValueError("every row must be given once and not be done")
+    if keys != denoising.rows_forwarded:
+        denoising.rows_forwarded = keys
+        new_run(denoising.transformer)
+
+
+def guided_rows(
+    forward: Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor],
+    latents: Sequence[torch.Tensor],
+    cond: Sequence[Mapping[str, torch.Tensor]],
+    uncond: Sequence[Optional[Mapping[str, torch.Tensor]]],
+    guidance_scales: Sequence[float],
+) -> list[torch.Tensor]:
+    """Each row's guided prediction from ONE `forward` call: `latents[i]` (1, ...) with the tensors
+    its branches differ by (`cond[i]`, and `uncond[i]` or None for a row without CFG, each keyed
+    by the transformer's argument names, batch dimension 1). The call's rows are laid out as
+    `guided_prediction` lays out a batch, every unconditional branch first, then every conditional
+    one: `[uncond of the CFG rows..., cond of all rows...]`; a row with CFG is combined as the
+    pipelines do, `uncond + guidance_scale * (text - uncond)`, with its own scale."""
+    guided = [i for i, u in enumerate(uncond) if u is not None]
+    order = [(i, uncond[i]) for i in guided] + list(enumerate(cond))
+    batched = {k: torch.cat([b[k] for _, b in order]) for k in cond[0]}
+    pred = forward(torch.cat([latents[i] for i, _ in order]), batched)
+    preds = []
+    for i in range(len(cond)):
+        pred_text = pred[len(guided) + i : len(guided) + i + 1]
+        if uncond[i] is None:
+            preds.append(pred_text)
+            continue
+        j = guided.index(i)
+        pred_uncond = pred[j : j + 1]
+        preds.append(pred_uncond + guidance_scales[i] * (pred_text - pred_uncond))
+    return preds
+
+
+@dataclass(eq=False)
+class SD3Row:
+    """One image between steps, for step-level batching: its own scheduler, timesteps and guidance,
+    and its tensors (batch dimension 1; the negative ones None without CFG)."""
+
+    scheduler: Any
+    timesteps: torch.Tensor
+    num_steps: int
+    height: int
+    width: int
+    guidance_scale: float
+    latents: torch.Tensor  # (1, channels, h, w)
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+    negative_prompt_embeds: Optional[torch.Tensor]
+    negative_pooled_prompt_embeds: Optional[torch.Tensor]
+    key: int  # unique among the rows of one Denoising
+    step_index: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= self.num_steps
+
+    @property
+    def branches(self) -> int:
+        """Transformer rows it takes per call: 2 with classifier-free guidance, else 1."""
+        return 1 if self.negative_prompt_embeds is None else 2
 
 
 class Decoding:

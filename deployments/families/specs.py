@@ -67,6 +67,7 @@ _SPECS = (
         cfg=True,
         default_guidance_scale=7.0,
         default_max_sequence_length=256,
+        step_rows=True,
     ),
     FamilySpec(
         name="pixart",
@@ -77,6 +78,7 @@ _SPECS = (
         cfg=True,
         default_guidance_scale=4.5,
         default_max_sequence_length=300,
+        step_rows=True,
     ),
 )
 

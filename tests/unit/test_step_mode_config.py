@@ -1,5 +1,5 @@
 """`denoiser.batching.mode: step` (step-level batching) is accepted only where it can run: a family
-with per-row denoising (FLUX), one rank, no step cache; other stages refuse it."""
+with per-row denoising (all three today), one rank, no step cache; other stages refuse it."""
 
 from __future__ import annotations
 
@@ -15,17 +15,17 @@ def config(family: str, denoiser: dict, **stages):
     )
 
 
-def test_step_mode_is_accepted_for_flux_and_request_stays_the_default():
+@pytest.mark.parametrize("family", ["flux", "sd3", "pixart"])
+def test_step_mode_is_accepted_for_every_family_and_request_stays_the_default(family):
     assert AppConfig().denoiser.batching.mode == "request"
-    assert config("flux", {"batching": {"mode": "step"}}).denoiser.batching.mode == "step"
+    assert config(family, {"batching": {"mode": "step"}}).denoiser.batching.mode == "step"
 
 
 @pytest.mark.parametrize(
     "family, denoiser, message",
     [
-        ("sd3", {}, "denoiser.batching.mode step needs per-row denoising, which sd3"),
-        ("pixart", {}, "denoiser.batching.mode step needs per-row denoising, which pixart"),
         ("flux", {"ulysses_degree": 2}, "denoiser.batching.mode step runs on one rank.*world_size 2"),
+        ("sd3", {"cfg_degree": 2}, "denoiser.batching.mode step runs on one rank.*world_size 2"),
         ("flux", {"step_cache": {"kind": "first_block"}}, "denoiser.batching.mode step with denoiser.step_cache"),
     ],
 )
