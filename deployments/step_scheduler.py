@@ -23,9 +23,10 @@ After each call it reports a `step` event per forwarded request (its own step an
 `rows`: how many rows the forward had), `stage` started/finished events as requests join and end,
 the step's metrics, and hands finished requests their latents.
 
-One call is in flight at a time: a stop takes effect at the next boundary, so a cancelled request
-has at most the step running when it was cancelled computed after it. (The request mode keeps two
-steps in flight; with joins decided between calls, a second call in flight would join a step late.)
+Two calls are in flight, as in the request mode: while the ranks compute one, the scheduler
+reports the one before and sends the next, planned from what it knew then. So the ranks never wait
+for a round trip. A stop or a pause takes effect one call later: a stopped request has at most the
+two calls in flight computed after it, and a paused one gets at most one more step first.
 
 Failures: a broken worker group answers every request `Unavailable` (retryable) and retires the
 replica (`on_broken`); any other failure of a call answers the running requests `StageFailure`,
@@ -54,7 +55,8 @@ class _Entry:
     item: DenoiseItem
     future: asyncio.Future
     seq: int = 0  # arrival order
-    steps_done: int = 0
+    steps_done: int = 0  # steps reported
+    planned: int = 0  # calls sent that compute it (at most `steps`)
     joined: float = 0.0  # perf_counter when it joined the running rows
     max_rows: int = 0  # the largest forward it shared (its trace's batch size)
     trace: Optional[StageTrace] = None
@@ -81,8 +83,12 @@ class _Entry:
         return (-self.item.spec.priority, self.seq)
 
     @property
+    def steps(self) -> int:
+        return self.item.spec.sampling.num_inference_steps
+
+    @property
     def steps_left(self) -> int:
-        return self.item.spec.sampling.num_inference_steps - self.steps_done
+        return self.steps - self.steps_done
 
 
 @dataclass
@@ -131,16 +137,29 @@ class StepScheduler:
 
     # -- the loop -------------------------------------------------------------------------------
     async def _loop(self) -> None:
-        while self._waiting or self._running:
+        in_flight: deque = deque()  # calls sent and not yet reported, oldest first
+        while self._waiting or self._running or in_flight:
             try:
-                await self._boundary()
+                if len(in_flight) < 2 and self._sendable():
+                    call = await self._send()
+                    if call is not None:
+                        in_flight.append(call)
+                        continue
+                if in_flight:
+                    await self._receive(in_flight)
             except Exception:  # noqa: BLE001 - never leave a caller waiting forever
                 logger.exception("denoiser step scheduler failed")
+                await _settle(in_flight)
                 for entry in self._everyone():
                     self._end(entry, StageFailure(STAGE, entry.id))
 
-    async def _boundary(self) -> None:
-        """Stops, admissions, then one call to the ranks and its report."""
+    def _sendable(self) -> bool:
+        """Whether a call would compute anything: a waiting request, or a running one with steps
+        not yet sent."""
+        return bool(self._waiting) or any(e.planned < e.steps for e in self._running.values())
+
+    async def _send(self):
+        """Stops, admissions, then one call sent to the ranks (its awaitable), or None."""
         await self.progress.flush()  # steps reported so far reach the log before flags are read
         stopped = await self.progress.stopped([e.id for e in self._everyone()])
         drops = [rid for rid in self._running if rid in stopped]
@@ -151,17 +170,28 @@ class StepScheduler:
             self._waiting.remove(entry)
             self._end(entry, Cancelled(entry.id, STAGE, 0))
         joins, paused = self._plan()
-        if not (self._running or drops):
-            return
+        if not (joins or any(e.planned < e.steps and e.id not in paused for e in self._running.values())):
+            return None
+        for entry in self._running.values():
+            if entry.id not in paused and entry.planned < entry.steps:
+                entry.planned += 1
         try:
-            report = await self.group.rows_step(
-                [(e.id, stack_inputs([e.item])) for e in joins], drops, paused
-            )
+            return self.group.rows_step([(e.id, stack_inputs([e.item])) for e in joins], drops, paused)
         except WorkerGroupBroken as exc:
+            self._broken(exc)
+            return None
+
+    async def _receive(self, in_flight: deque) -> None:
+        """The oldest call's report; a failed call fails the requests it had."""
+        try:
+            report = await in_flight.popleft()
+        except WorkerGroupBroken as exc:
+            await _settle(in_flight)
             self._broken(exc)
             return
         except Exception:
             logger.exception("denoiser step failed; requests %s", list(self._running))
+            await _settle(in_flight)  # the calls sent after it: their rows go too
             for entry in list(self._running.values()):
                 self._end(entry, StageFailure(STAGE, entry.id))
             try:
@@ -186,7 +216,8 @@ class StepScheduler:
             if late is not None:
                 self._end(entry, late)
         chosen, rows, size = [], 0, None
-        for entry in sorted(self._everyone(), key=lambda e: e.order):
+        unsent = [e for e in self._everyone() if e.planned < e.steps]
+        for entry in sorted(unsent, key=lambda e: e.order):
             size = entry.size if size is None else size
             if entry.size != size or (rows and rows + entry.rows > self.max_rows):
                 break
@@ -202,7 +233,7 @@ class StepScheduler:
                 self.progress.metrics.waited(entry.item.embeddings.ready_at, started)
         self.progress.emit([events.stage_started(e.id, STAGE, rows) for e in joins])
         chosen_ids = {e.id for e in chosen}
-        paused = [rid for rid in self._running if rid not in chosen_ids]
+        paused = [e.id for e in unsent if e.id in self._running and e.id not in chosen_ids]
         for rid in set(paused) ^ self._paused:
             logger.info("denoiser: request %s %s", rid, "paused" if rid in paused else "resumed")
         self._paused = set(paused)
@@ -233,14 +264,18 @@ class StepScheduler:
             self._call_s = 0.8 * previous + 0.2 * report.seconds
         step_events = []
         for rid, step in report.steps.items():
-            entry = self._running[rid]
+            entry = self._running.get(rid)
+            if entry is None:  # it ended (stopped) while this call ran
+                continue
             entry.steps_done, entry.max_rows = step, max(entry.max_rows, report.rows)
             if entry.item.reports:
                 steps = entry.item.spec.sampling.num_inference_steps
                 step_events.append(events.step_done(rid, step, steps, report.seconds, rows=report.rows))
         self.progress.emit(step_events)
         for rid, latents in report.finished.items():
-            entry = self._running.pop(rid)
+            entry = self._running.pop(rid, None)
+            if entry is None:
+                continue
             entry.trace = StageTrace(STAGE, entry.max_rows, time.perf_counter() - entry.joined)
             self.progress.emit([events.stage_finished(rid, STAGE, entry.max_rows, entry.trace.seconds)])
             self._end(entry, latents)
@@ -256,3 +291,13 @@ class StepScheduler:
         self.progress.forget([entry.id])
         if not entry.future.done():
             entry.future.set_result(outcome)
+
+
+async def _settle(in_flight: deque) -> None:
+    """Wait out the calls still in flight, whatever they return (their requests are answered by
+    the caller)."""
+    while in_flight:
+        try:
+            await in_flight.popleft()
+        except Exception:  # noqa: BLE001
+            pass

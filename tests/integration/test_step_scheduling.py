@@ -178,12 +178,12 @@ def test_a_cancelled_request_leaves_within_one_step(group, store):
 
     got_a, got_b, logged_b, logged_c = asyncio.run(scenario())
     assert isinstance(got_b, Cancelled) and got_b.stage == "denoiser"
-    # The flags are read after the steps reported so far are written: at most the step in flight
-    # when the flag was set is computed after it.
-    assert 3 <= got_b.steps_done <= logged_b + 1, (got_b, logged_b)
+    # The flags are read after the steps reported so far are written: at most the two calls in
+    # flight when the flag was set are computed after it.
+    assert 3 <= got_b.steps_done <= logged_b + 2, (got_b, logged_b)
     assert [s["step"] for s in steps_of(store, "b")] == list(range(1, got_b.steps_done + 1))
     steps_c = steps_of(store, "c")
-    assert len(steps_c) <= logged_c + 1 < 40, (steps_c, logged_c)
+    assert len(steps_c) <= logged_c + 2 < 40, (steps_c, logged_c)
     rows_a = [s["rows"] for s in steps_of(store, "a")]
     assert rows_a[0] == 3 and rows_a[-1] == 1, rows_a
     print(f"\ncancel: b stopped after {got_b.steps_done} steps ({logged_b} logged when flagged);"
@@ -211,7 +211,11 @@ def test_a_request_of_another_size_waits_and_blocks_later_ones(group, store):
     assert [s["rows"] for s in steps_of(store, "c")] == [1, 1]
     log, _ = store.tail(0, 1.0)  # every job's events, in append order
     stages = [(e.job_id, e.data["state"]) for e in log if e.type == "stage"]
-    assert stages == [("a", "started"), ("a", "finished"), ("b", "started"), ("b", "finished"), ("c", "started"), ("c", "finished")]
+    # Each starts once the one before has sent its last step (two calls are in flight), so the
+    # starts and ends keep arrival order and no call ever had rows of two of them (rows 1 above).
+    assert [s for s in stages if s[1] == "started"] == [("a", "started"), ("b", "started"), ("c", "started")]
+    assert [s for s in stages if s[1] == "finished"] == [("a", "finished"), ("b", "finished"), ("c", "finished")]
+    assert stages.index(("b", "started")) > stages.index(("a", "started"))
     assert_alone(group, a, got_a, "fifo")
     assert_alone(group, b, got_b, "fifo")
     assert_alone(group, c, got_c, "fifo")
