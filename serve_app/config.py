@@ -127,8 +127,8 @@ class BatchingConfig(_Strict):
             " (size, steps, guidance) runs to its last step before the next starts. `step`:"
             " requests join and leave a running batch at step boundaries, each row at its own"
             " step, step count and guidance (same size only, max_batch_size transformer rows, an"
-            " image with classifier-free guidance counting twice); one rank (world_size 1), without"
-            " step_cache, no previews. `request` stays the default until step mode has sequence"
+            " image with classifier-free guidance counting twice); with sequence parallelism but not"
+            " cfg_degree 2, without step_cache, no previews. `request` stays the default until step mode has sequence"
             " parallelism, previews and out-of-memory splitting."
         ),
     )
@@ -805,10 +805,11 @@ class AppConfig(_Strict):
                 f"denoiser.batching.mode step needs per-row denoising, which {family.name} does"
                 " not have; run it in mode request"
             )
-        if dn.world_size > 1:
+        if dn.cfg_degree > 1:
             return (
-                f"denoiser.batching.mode step runs on one rank; this denoiser has world_size"
-                f" {dn.world_size} (ulysses x ring x cfg degrees): use mode request with them"
+                "denoiser.batching.mode step with cfg_degree 2: rows with and without"
+                " classifier-free guidance share each call, so the branches cannot be split over"
+                " ranks; use cfg_degree 1 (sequence parallelism, ulysses/ring, works) or mode request"
             )
         if dn.step_cache:
             return (

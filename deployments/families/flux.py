@@ -302,8 +302,6 @@ class Denoising:
         `forward_rows` calls while their sizes match."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        if self.parallel is not None:
-            raise NotImplementedError("FLUX rows do not run with sequence parallelism")
         run = self.prepare(inputs)
         rows = []
         for i in range(run.rows):
@@ -346,6 +344,17 @@ class Denoising:
         if keys != self.rows_forwarded:
             self.rows_forwarded = keys
             new_run(self.transformer)
+        if self.parallel is not None:  # xfuser splits this call's sequence over the group
+            from xfuser.core.distributed.runtime_state import get_runtime_state
+
+            get_runtime_state().set_input_parameters(
+                height=rows[0].height,
+                width=rows[0].width,
+                batch_size=len(rows),
+                num_inference_steps=max(r.num_steps for r in rows),
+                max_condition_sequence_length=rows[0].prompt_embeds.shape[1],
+                split_text_embed_in_sp=True,
+            )
         t = torch.stack([r.timesteps[r.step_index] for r in rows])
         latents = torch.cat([r.latents for r in rows])
         guidance = None

@@ -406,3 +406,37 @@ def test_sd3_rows_with_and_without_guidance_share_steps(sd3_group, store):
         # (tests/unit/test_cfg_rows.py)
         torch.testing.assert_close(got, want, rtol=0, atol=6e-6)
         assert (got - alone(sd3_group, replace_seed(it))).abs().max().item() > 0.1
+
+
+@pytest.fixture(scope="module")
+def sp2_group(ray_cluster):
+    from deployments.sp_group import WorkerGroup
+    from serve_app.config import AppConfig
+
+    config = step_config().model_dump()
+    config["denoiser"].update(ulysses_degree=2, process_group_timeout_s=120)
+    made = WorkerGroup(AppConfig.model_validate(config))
+    made.start(timeout_s=300)
+    yield made
+    made.shutdown()
+
+
+def test_sp2_under_step_scheduling_equals_one_rank(sp2_group, group, store):
+    """Every rank gets the same plan (joins, drops, pauses) in the same order: two ranks (Ulysses
+    2, gloo) sharing steps between requests of different steps and guidance, one joining mid-run,
+    give each request the latents one rank gives it alone."""
+    a = item(store, "a", steps=8, guidance=3.5, seed=101)
+    b = item(store, "b", steps=3, guidance=5.0, seed=102)
+
+    async def scenario():
+        sched = scheduler(sp2_group, store)
+        first = asyncio.ensure_future(sched.submit(a))
+        await until(store, "a", 2)
+        second = asyncio.ensure_future(sched.submit(b))
+        return await first, await second
+
+    got_a, got_b = asyncio.run(scenario())
+    assert [s["rows"] for s in steps_of(store, "b")] == [2, 2, 2]  # b joined a mid-run
+    assert steps_of(store, "a")[0]["rows"] == 1
+    assert_alone(group, a, got_a, "sp2")
+    assert_alone(group, b, got_b, "sp2")

@@ -21,11 +21,16 @@ def test_step_mode_is_accepted_for_every_family_and_request_stays_the_default(fa
     assert config(family, {"batching": {"mode": "step"}}).denoiser.batching.mode == "step"
 
 
+def test_step_mode_takes_sequence_parallelism():
+    sp = config("flux", {"ulysses_degree": 2, "batching": {"mode": "step"}})
+    assert sp.denoiser.world_size == 2 and sp.denoiser.batching.mode == "step"
+
+
 @pytest.mark.parametrize(
     "family, denoiser, message",
     [
-        ("flux", {"ulysses_degree": 2}, "denoiser.batching.mode step runs on one rank.*world_size 2"),
-        ("sd3", {"cfg_degree": 2}, "denoiser.batching.mode step runs on one rank.*world_size 2"),
+        ("sd3", {"cfg_degree": 2}, "denoiser.batching.mode step with cfg_degree 2"),
+        ("pixart", {"cfg_degree": 2}, "denoiser.batching.mode step with cfg_degree 2"),
         ("flux", {"step_cache": {"kind": "first_block"}}, "denoiser.batching.mode step with denoiser.step_cache"),
     ],
 )
