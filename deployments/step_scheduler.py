@@ -29,8 +29,11 @@ for a round trip. A stop or a pause takes effect one call later: a stopped reque
 two calls in flight computed after it, and a paused one gets at most one more step first.
 
 Failures: a broken worker group answers every request `Unavailable` (retryable) and retires the
-replica (`on_broken`); any other failure of a call answers the running requests `StageFailure`,
-clears the rows on every rank, and the loop goes on with the waiting ones.
+replica (`on_broken`). A call out of memory clears the rows on every rank; a request that was alone
+in it fails with `InsufficientMemory` (a 400 naming `size`), otherwise the running requests start
+again from their first step in calls of at most half the rows, until they drain. Any other
+failure of a call answers the running requests `StageFailure`, clears the rows on every rank, and
+the loop goes on with the waiting ones.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from typing import Any, Callable, Optional
 from deployments import events
 from deployments.denoise_loop import STAGE, DenoiseItem, stack_inputs
 from deployments.errors import DeadlineExceeded, StageFailure, Unavailable
+from deployments.oom import insufficient_memory, is_oom
 from deployments.payloads import Cancelled, Latents, Rejected, StageTrace
 from deployments.progress import StageProgress
 from deployments.runtime import logger
@@ -103,6 +107,7 @@ class StepScheduler:
     _task: Optional[asyncio.Task] = None
     _arrivals: int = 0
     _call_s: Optional[float] = None  # recent time of one call (moving average): deadline estimates
+    _limit: Optional[int] = None  # rows a call may hold after an out of memory (None: max_rows)
 
     async def submit(self, item: DenoiseItem):
         """The request's latents (CPU, its rows), or `Cancelled`, or the error value (`Unavailable`,
@@ -141,9 +146,9 @@ class StepScheduler:
         while self._waiting or self._running or in_flight:
             try:
                 if len(in_flight) < 2 and self._sendable():
-                    call = await self._send()
-                    if call is not None:
-                        in_flight.append(call)
+                    sent = await self._send()
+                    if sent is not None:
+                        in_flight.append(sent)
                         continue
                 if in_flight:
                     await self._receive(in_flight)
@@ -159,7 +164,8 @@ class StepScheduler:
         return bool(self._waiting) or any(e.planned < e.steps for e in self._running.values())
 
     async def _send(self):
-        """Stops, admissions, then one call sent to the ranks (its awaitable), or None."""
+        """Stops, admissions, then one call sent to the ranks: (its awaitable, the requests it
+        computes), or None."""
         await self.progress.flush()  # steps reported so far reach the log before flags are read
         stopped = await self.progress.stopped([e.id for e in self._everyone()])
         drops = [rid for rid in self._running if rid in stopped]
@@ -170,36 +176,72 @@ class StepScheduler:
             self._waiting.remove(entry)
             self._end(entry, Cancelled(entry.id, STAGE, 0))
         joins, paused = self._plan()
-        if not (joins or any(e.planned < e.steps and e.id not in paused for e in self._running.values())):
+        computed = [e for e in self._running.values() if e.id not in paused and e.planned < e.steps]
+        if not computed:
             return None
-        for entry in self._running.values():
-            if entry.id not in paused and entry.planned < entry.steps:
-                entry.planned += 1
+        for entry in computed:
+            entry.planned += 1
         try:
-            return self.group.rows_step([(e.id, stack_inputs([e.item])) for e in joins], drops, paused)
+            call = self.group.rows_step([(e.id, stack_inputs([e.item])) for e in joins], drops, paused)
         except WorkerGroupBroken as exc:
             self._broken(exc)
             return None
+        return call, computed
 
     async def _receive(self, in_flight: deque) -> None:
-        """The oldest call's report; a failed call fails the requests it had."""
+        """The oldest call's report; a failed call fails the requests it had (out of memory: they
+        start again in smaller calls)."""
+        call, computed = in_flight.popleft()
         try:
-            report = await in_flight.popleft()
+            report = await call
         except WorkerGroupBroken as exc:
             await _settle(in_flight)
             self._broken(exc)
             return
-        except Exception:
-            logger.exception("denoiser step failed; requests %s", list(self._running))
+        except Exception as exc:
             await _settle(in_flight)  # the calls sent after it: their rows go too
-            for entry in list(self._running.values()):
-                self._end(entry, StageFailure(STAGE, entry.id))
+            oom = is_oom(exc)
+            if oom:
+                self._out_of_memory(exc, computed)
+            else:
+                logger.exception("denoiser step failed; requests %s", list(self._running))
+                for entry in list(self._running.values()):
+                    self._end(entry, StageFailure(STAGE, entry.id))
             try:
                 await self.group.rows_reset()  # every rank starts clean; the waiting go on
             except WorkerGroupBroken as exc:
                 self._broken(exc)
             return
         self._reported(report)
+
+    def _out_of_memory(self, exc: BaseException, computed: list) -> None:
+        """A call ran out of memory (the ranks dropped every row): a request that was alone in it
+        fails with a 400 naming `size`; otherwise every running request starts again from its first
+        step (same seeds, same image) in calls of at most half as many rows, until the running
+        rows drain."""
+        rows = sum(e.rows for e in computed)
+        reason = str(getattr(exc, "cause", None) or exc).splitlines()[0]
+        if len(computed) == 1:
+            entry = computed[0]
+            logger.warning("denoiser: request %s ran out of memory alone (%s): rejected", entry.id, reason)
+            width, height = entry.item.spec.sampling.width, entry.item.spec.sampling.height
+            self._end(entry, Rejected(entry.id, insufficient_memory(STAGE, width, height)))
+        else:
+            self._limit = max(1, rows // 2)
+            logger.warning(
+                "denoiser: a call of %d rows ran out of memory (%s); requests %s start again in calls"
+                " of at most %d rows",
+                rows,
+                reason,
+                [e.id for e in computed],
+                self._limit,
+            )
+        restarted = sorted(self._running.values(), key=lambda e: e.seq)
+        self._running.clear()
+        self._paused.clear()
+        for entry in reversed(restarted):
+            entry.steps_done = entry.planned = 0
+            self._waiting.appendleft(entry)
 
     def _broken(self, exc: WorkerGroupBroken) -> None:
         """The group is gone for good: every request here gets a retryable 503."""
@@ -215,11 +257,12 @@ class StepScheduler:
             late = self._late(entry)
             if late is not None:
                 self._end(entry, late)
+        budget = self.max_rows if self._limit is None else min(self.max_rows, self._limit)
         chosen, rows, size = [], 0, None
         unsent = [e for e in self._everyone() if e.planned < e.steps]
         for entry in sorted(unsent, key=lambda e: e.order):
             size = entry.size if size is None else size
-            if entry.size != size or (rows and rows + entry.rows > self.max_rows):
+            if entry.size != size or (rows and rows + entry.rows > budget):
                 break
             chosen.append(entry)
             rows += entry.rows
@@ -279,6 +322,8 @@ class StepScheduler:
             entry.trace = StageTrace(STAGE, entry.max_rows, time.perf_counter() - entry.joined)
             self.progress.emit([events.stage_finished(rid, STAGE, entry.max_rows, entry.trace.seconds)])
             self._end(entry, latents)
+        if not self._running:
+            self._limit = None  # the rows of an out of memory have drained: full calls again
 
     def _everyone(self) -> list[_Entry]:
         return [*self._running.values(), *self._waiting]
@@ -298,6 +343,6 @@ async def _settle(in_flight: deque) -> None:
     the caller)."""
     while in_flight:
         try:
-            await in_flight.popleft()
+            await in_flight.popleft()[0]
         except Exception:  # noqa: BLE001
             pass

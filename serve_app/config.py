@@ -127,9 +127,9 @@ class BatchingConfig(_Strict):
             " (size, steps, guidance) runs to its last step before the next starts. `step`:"
             " requests join and leave a running batch at step boundaries, each row at its own"
             " step, step count and guidance (same size only, max_batch_size transformer rows, an"
-            " image with classifier-free guidance counting twice); with sequence parallelism but not"
-            " cfg_degree 2, without step_cache, no previews. `request` stays the default until step mode has sequence"
-            " parallelism, previews and out-of-memory splitting."
+            " image with classifier-free guidance counting twice); with sequence parallelism but"
+            " not cfg_degree 2, without step_cache, no previews. `request` stays the default"
+            " until step mode has previews."
         ),
     )
 

@@ -131,3 +131,40 @@ def test_the_same_workers_still_serve(oom_url, first_workers, reference):
     check_image_ok(r, reference, "a boat", 11, 64, 64, 4, n=2)
     assert worker_pids() == first_workers
     assert requests.get(f"{oom_url}/health", timeout=30).status_code == 200
+
+
+STEP_APP, STEP_PREFIX = "dit-oom-step", "/oom-step"
+
+
+@pytest.fixture(scope="module")
+def step_url(ray_cluster):
+    """Step-level batching on one rank, the denoiser's fault as above (two 64x64 images a call)."""
+    from ray import serve
+
+    from serve_app.app import build_graph
+    from serve_app.config import AppConfig
+
+    denoiser = {**OOM_ARGS["denoiser"], "ulysses_degree": 1, "batching": {"max_batch_size": 8, "mode": "step"}}
+    config = AppConfig.model_validate(own_store({**OOM_ARGS, "denoiser": denoiser}, STEP_APP))
+    overrides = {"Denoiser": {"ray_actor_options": {"num_cpus": config.denoiser.replica_num_cpus, **fault(DENOISER_PIXELS)}}}
+    serve.run(build_graph(config, overrides), name=STEP_APP, route_prefix=STEP_PREFIX)
+    yield ray_cluster + STEP_PREFIX
+    serve.delete(STEP_APP)
+
+
+def test_step_mode_restarts_rows_over_the_limit_and_refuses_an_image_too_big_alone(step_url, reference, logs_dir):
+    """Four requests whose rows outgrow a call start again in calls of half the rows and each
+    gets its solo image; an image that cannot fit alone fails alone with the 400 naming size."""
+    prompts = ["a red fox", "a blue whale", "three green apples", "a lighthouse"]
+    # 20 steps: long enough that the four overlap in the denoiser however their arrivals spread
+    bodies = [{"prompt": p, "seed": 200 + i, "size": "64x64", "num_inference_steps": 20} for i, p in enumerate(prompts)]
+    bodies.append({"prompt": "a cathedral", "seed": 7, "size": "128x128"})
+    responses = concurrently(lambda body: generate(step_url, body), bodies, workers=5)
+    for i, r in enumerate(responses[:4]):
+        check_image_ok(r, reference, prompts[i], 200 + i, 64, 64, 20)
+    insufficient_memory(responses[4], "denoiser", "128x128")
+    log = "\n".join(p.read_text(errors="replace") for p in logs_dir.rglob(f"replica_{STEP_APP}_Denoiser_*.log"))
+    assert "ran out of memory alone" in log
+    restarts = [line for line in log.splitlines() if "start again in calls of at most" in line]
+    jobs = {r.headers["x-dit-job-id"] for r in responses[:4]}
+    assert any(job in line for line in restarts for job in jobs), restarts
