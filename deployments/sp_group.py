@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import ray
@@ -102,6 +102,7 @@ class RowsReport:
     rows: int  # rows in the forward (0: nothing was forwarded)
     steps: dict[str, int]  # request id -> the step index its rows reached, for every request forwarded
     finished: dict[str, Any]  # request id -> latents (its rows concatenated, CPU), rows all done
+    previews: dict[str, tuple[bytes, int, int]] = field(default_factory=dict)  # id -> image 0's
 
 
 class DenoiseWorker:
@@ -200,20 +201,21 @@ class DenoiseWorker:
     # Step-level batching (`deployments.step_scheduler`): requests join and leave between calls;
     # each call forwards every row kept, each row at its own step.
     @ray.method(concurrency_group="compute")
-    def rows_step(self, joins, drops, paused=()) -> RowsReport:
+    def rows_step(self, joins, drops, paused=(), previews=()) -> RowsReport:
         """Forget `drops` (request ids), prepare `joins` ((request id, DenoiseInputs) pairs), then
         one forward over every kept row except those of the `paused` requests, which keep their
         state for a later call (none: nothing forwarded). Requests whose rows are all done are
         returned (rank 0) and forgotten. Out of memory, every row is dropped and the memory freed
-        before it raises (as `step` does)."""
+        before it raises (as `step` does). Rank 0 also previews image 0 of each request in
+        `previews` after the forward."""
         for request_id in drops:
             self._rows.pop(request_id, None)
-        return forward_freeing(self._rows_step, joins, set(paused), on_oom=self._forget_rows)
+        return forward_freeing(self._rows_step, joins, set(paused), previews, on_oom=self._forget_rows)
 
     def _forget_rows(self) -> None:
         self._rows = {}
 
-    def _rows_step(self, joins, paused: set) -> RowsReport:
+    def _rows_step(self, joins, paused: set, previews) -> RowsReport:
         import time
 
         started = time.perf_counter()
@@ -226,6 +228,13 @@ class DenoiseWorker:
             inject_oom("denoiser step", len(rows), rows[0].height, rows[0].width)
             self._denoising.forward_rows(rows)
         steps = {rid: self._rows[rid][0].step_index for rid in forwarded}
+        shown = {}
+        if self.rank == 0:
+            from deployments.image_codec import encode_array
+
+            for rid in previews:
+                for image in self._denoising.preview(self._rows[rid][0], [0]):
+                    shown[rid] = (encode_array(image, "png"), image.shape[1], image.shape[0])
         finished = {}
         for rid in [rid for rid in forwarded if all(r.done for r in self._rows[rid])]:
             kept = self._rows.pop(rid)
@@ -235,7 +244,7 @@ class DenoiseWorker:
                 finished[rid] = torch.cat([self._denoising.finish_row(r) for r in kept])
             else:
                 finished[rid] = None
-        return RowsReport(time.perf_counter() - started, len(rows), steps, finished)
+        return RowsReport(time.perf_counter() - started, len(rows), steps, finished, shown)
 
     @ray.method(concurrency_group="compute")
     def rows_reset(self) -> None:
@@ -371,13 +380,19 @@ class WorkerGroup:
         refs = [w.step.remote(keep, list(preview_rows), inputs) for w in self._workers]
         return self._first(self._all(refs, self._timeout_s, "step"))
 
-    def rows_step(self, joins: Sequence[tuple[str, Any]], drops: Sequence[str], paused: Sequence[str] = ()):
+    def rows_step(
+        self,
+        joins: Sequence[tuple[str, Any]],
+        drops: Sequence[str],
+        paused: Sequence[str] = (),
+        previews: Sequence[str] = (),
+    ):
         """Step-level batching: send one `rows_step` to every rank now; await it for rank 0's
         `RowsReport`. The joins' inputs go once, through the object store."""
         if self.broken:
             raise WorkerGroupBroken(self.broken)
         joined = ray.put(list(joins)) if joins else []
-        refs = [w.rows_step.remote(joined, list(drops), list(paused)) for w in self._workers]
+        refs = [w.rows_step.remote(joined, list(drops), list(paused), list(previews)) for w in self._workers]
         return self._first(self._all(refs, self._timeout_s, "rows_step"))
 
     async def rows_reset(self) -> None:

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from deployments import events
-from deployments.denoise_loop import STAGE, DenoiseItem, stack_inputs
+from deployments.denoise_loop import STAGE, DenoiseItem, preview_steps, stack_inputs
 from deployments.errors import DeadlineExceeded, StageFailure, Unavailable
 from deployments.oom import insufficient_memory, is_oom
 from deployments.payloads import Cancelled, Latents, Rejected, StageTrace
@@ -89,6 +89,13 @@ class _Entry:
     @property
     def steps(self) -> int:
         return self.item.spec.sampling.num_inference_steps
+
+    def preview_at(self, step: int) -> Optional[int]:
+        """The index of the preview asked for after `step`, if any (image 0's, as the request
+        mode makes them)."""
+        if not (self.item.reports and self.item.spec.partial_images):
+            return None
+        return preview_steps(self.steps, self.item.spec.partial_images).get(step)
 
     @property
     def steps_left(self) -> int:
@@ -179,19 +186,24 @@ class StepScheduler:
         computed = [e for e in self._running.values() if e.id not in paused and e.planned < e.steps]
         if not computed:
             return None
+        previews = {}  # request id -> (the step this call takes it to, preview index)
         for entry in computed:
             entry.planned += 1
+            index = entry.preview_at(entry.planned)
+            if index is not None:
+                previews[entry.id] = (entry.planned, index)
+        joined = [(e.id, stack_inputs([e.item])) for e in joins]
         try:
-            call = self.group.rows_step([(e.id, stack_inputs([e.item])) for e in joins], drops, paused)
+            call = self.group.rows_step(joined, drops, paused, list(previews))
         except WorkerGroupBroken as exc:
             self._broken(exc)
             return None
-        return call, computed
+        return call, computed, previews
 
     async def _receive(self, in_flight: deque) -> None:
         """The oldest call's report; a failed call fails the requests it had (out of memory: they
         start again in smaller calls)."""
-        call, computed = in_flight.popleft()
+        call, computed, previews = in_flight.popleft()
         try:
             report = await call
         except WorkerGroupBroken as exc:
@@ -212,7 +224,7 @@ class StepScheduler:
             except WorkerGroupBroken as exc:
                 self._broken(exc)
             return
-        self._reported(report)
+        self._reported(report, previews)
 
     def _out_of_memory(self, exc: BaseException, computed: list) -> None:
         """A call ran out of memory (the ranks dropped every row): a request that was alone in it
@@ -300,7 +312,7 @@ class StepScheduler:
             ),
         )
 
-    def _reported(self, report) -> None:
+    def _reported(self, report, previews: dict) -> None:
         if report.rows:
             self.progress.metrics.step(report.rows, report.seconds)
             previous = report.seconds if self._call_s is None else self._call_s
@@ -315,6 +327,13 @@ class StepScheduler:
                 steps = entry.item.spec.sampling.num_inference_steps
                 step_events.append(events.step_done(rid, step, steps, report.seconds, rows=report.rows))
         self.progress.emit(step_events)
+        self.progress.emit(
+            [
+                events.preview(rid, previews[rid][0], previews[rid][1], png, width, height)
+                for rid, (png, width, height) in report.previews.items()
+                if rid in self._running and rid in previews
+            ]
+        )
         for rid, latents in report.finished.items():
             entry = self._running.pop(rid, None)
             if entry is None:

@@ -128,8 +128,8 @@ class BatchingConfig(_Strict):
             " requests join and leave a running batch at step boundaries, each row at its own"
             " step, step count and guidance (same size only, max_batch_size transformer rows, an"
             " image with classifier-free guidance counting twice); with sequence parallelism but"
-            " not cfg_degree 2, without step_cache, no previews. `request` stays the default"
-            " until step mode has previews."
+            " not cfg_degree 2, without step_cache. `request` stays the default while step mode"
+            " is new (measured on CPU only)."
         ),
     )
 

@@ -63,12 +63,6 @@ class Planner:
             raise InvalidParameter(
                 "output_compression applies to jpeg and webp only", "output_compression"
             )
-        if req.partial_images and cfg.denoiser.batching.mode == "step":
-            raise InvalidParameter(
-                f"model {model!r} runs step-level batching, which makes no previews yet; send"
-                " partial_images 0",
-                "partial_images",
-            )
         seed = secrets.randbits(32) if req.seed is None else req.seed
         sampling = SamplingParams(
             height=height,

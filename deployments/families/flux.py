@@ -377,6 +377,7 @@ class Denoising:
             )
         for i, row in enumerate(rows):
             row.latents = row.scheduler.step(noise_pred[i : i + 1], t[i], row.latents, return_dict=False)[0]
+            row.noise_pred = noise_pred[i : i + 1]  # what `preview` reads
             row.step_index += 1
 
     def finish_row(self, row: "FluxRow") -> torch.Tensor:
@@ -448,6 +449,7 @@ class FluxRow:
     pooled_prompt_embeds: torch.Tensor
     text_ids: torch.Tensor
     key: int  # unique among the rows of one Denoising
+    noise_pred: Optional[torch.Tensor] = None  # the last call's, for `preview`
     step_index: int = 0
 
     @property

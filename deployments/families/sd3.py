@@ -311,6 +311,7 @@ class Denoising:
             )
         for row, ti, noise_pred in zip(rows, t, noise_preds):
             row.latents = row.scheduler.step(noise_pred, ti, row.latents, return_dict=False)[0]
+            row.noise_pred = noise_pred  # what `preview` reads
             row.step_index += 1
 
     def finish_row(self, row: "SD3Row") -> torch.Tensor:
@@ -439,6 +440,7 @@ class SD3Row:
     negative_prompt_embeds: Optional[torch.Tensor]
     negative_pooled_prompt_embeds: Optional[torch.Tensor]
     key: int  # unique among the rows of one Denoising
+    noise_pred: Optional[torch.Tensor] = None  # the last call's, for `preview`
     step_index: int = 0
 
     @property

@@ -440,3 +440,40 @@ def test_sp2_under_step_scheduling_equals_one_rank(sp2_group, group, store):
     assert steps_of(store, "a")[0]["rows"] == 1
     assert_alone(group, a, got_a, "sp2")
     assert_alone(group, b, got_b, "sp2")
+
+
+def test_previews_come_at_the_request_modes_steps_with_its_images(group, store):
+    """partial_images in step mode: image 0's previews after the same steps as in the request mode,
+    equal to the request mode's (within one 8-bit level), while the request shares calls."""
+    import base64
+
+    import numpy as np
+
+    from deployments.denoise_loop import run_group
+    from deployments.progress import StageProgress
+    from tests.helpers import decode_image
+
+    a = item(store, "a", steps=6, guidance=3.5, seed=111, partial_images=2)
+    b = item(store, "b", steps=4, guidance=2.0, seed=112)
+    solo = item(store, "solo", steps=6, guidance=3.5, seed=111, partial_images=2)
+
+    async def scenario():
+        sched = scheduler(group, store)
+        await asyncio.gather(sched.submit(a), sched.submit(b))
+        progress = StageProgress(store, "denoiser")
+        await run_group(group, [solo], progress)  # the request mode, alone
+        await progress.flush()
+
+    asyncio.run(scenario())
+    assert {s["rows"] for s in steps_of(store, "b")} == {2}  # a shared its calls meanwhile
+
+    def previews(job_id):
+        return [e.data for e in store.events(job_id) if e.type == "preview"]
+
+    ours, theirs = previews("a"), previews("solo")
+    assert [(p["step"], p["index"]) for p in ours] == [(p["step"], p["index"]) for p in theirs] == [(2, 0), (4, 1)]
+    for got, want in zip(ours, theirs):
+        got_image, want_image = (decode_image(base64.b64decode(p["b64_json"])) for p in (got, want))
+        assert got_image.shape == want_image.shape == (8, 16, 3) and got["size"] == "16x8"
+        assert np.abs(got_image.astype(int) - want_image.astype(int)).max() <= 1
+    assert previews("b") == []

@@ -52,20 +52,3 @@ def test_the_registry_says_which_families_have_rows():
     for name in family_names():
         assert family_spec(name).step_rows == hasattr(load_family(name).Denoising, "prepare_rows"), name
 
-
-def test_previews_are_a_400_naming_partial_images_in_step_mode():
-    """Step mode makes no previews yet: asking for them is refused, not silently ignored."""
-    from deployments.errors import InvalidParameter
-    from serve_app.planning import Planner
-    from serve_app.protocol import ImageGenerationRequest
-
-    def plan(mode: str, partial_images: int):
-        planner = Planner(config("flux", {"batching": {"mode": mode}}))
-        req = ImageGenerationRequest(prompt="a fox", stream=True, partial_images=partial_images)
-        return planner.plan(req, "job_" + "0" * 24)
-
-    with pytest.raises(InvalidParameter, match="partial_images") as refused:
-        plan("step", 2)
-    assert refused.value.param == "partial_images"
-    assert plan("step", 0)[1].partial_images == 0
-    assert plan("request", 2)[1].partial_images == 2
