@@ -52,6 +52,13 @@ def port_is_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
+def default_sigint() -> None:
+    """Popen's preexec_fn for a server the test will Ctrl-C: a shell starts background jobs with
+    SIGINT ignored and children inherit that, so `make test &` would make the server deaf to
+    Ctrl-C; a user's foreground terminal never does."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt(proc: subprocess.Popen, timeout_s: float = 90) -> int:
     """Ctrl-C, as a user in the foreground would; kill only if it does not stop."""
     proc.send_signal(signal.SIGINT)

@@ -14,7 +14,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.e2e.conftest import BIN, config_copy, free_port, interrupt, port_is_free, wait_healthy
+from tests.e2e.conftest import BIN, config_copy, default_sigint, free_port, interrupt, port_is_free, wait_healthy
 
 
 def denoise_workers(root: int) -> list[int]:
@@ -53,6 +53,7 @@ def test_serve_run_local_config(tmp_path, user_env, name):
         env=user_env,
         stdout=log,
         stderr=subprocess.STDOUT,
+        preexec_fn=default_sigint,
     )
     url = f"http://127.0.0.1:{port}"
     try:
