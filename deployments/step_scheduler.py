@@ -42,6 +42,7 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Optional
 
 from deployments import events
@@ -90,12 +91,12 @@ class _Entry:
     def steps(self) -> int:
         return self.item.spec.sampling.num_inference_steps
 
-    def preview_at(self, step: int) -> Optional[int]:
-        """The index of the preview asked for after `step`, if any (image 0's, as the request
-        mode makes them)."""
-        if not (self.item.reports and self.item.spec.partial_images):
-            return None
-        return preview_steps(self.steps, self.item.spec.partial_images).get(step)
+    @cached_property
+    def previews(self) -> dict[int, int]:
+        """{step after which image 0 is previewed: preview index}, as the request mode makes them."""
+        if not self.item.reports:
+            return {}
+        return preview_steps(self.steps, self.item.spec.partial_images)
 
     @property
     def steps_left(self) -> int:
@@ -189,7 +190,7 @@ class StepScheduler:
         previews = {}  # request id -> (the step this call takes it to, preview index)
         for entry in computed:
             entry.planned += 1
-            index = entry.preview_at(entry.planned)
+            index = entry.previews.get(entry.planned)
             if index is not None:
                 previews[entry.id] = (entry.planned, index)
         joined = [(e.id, stack_inputs([e.item])) for e in joins]

@@ -163,3 +163,15 @@ def job_events(base_url: str, job_id: str, headers: dict | None = None, until=No
 def is_step(n: int):
     """Predicate: a `step` event at step >= n."""
     return lambda e: e["event"] == "step" and e["data"]["step"] >= n
+
+
+def run_row_alone(dn, row):
+    """A family row (step-level batching) through all its steps in calls of its own; its latents."""
+    while not row.done:
+        dn.forward_rows([row])
+    return dn.finish_row(row)
+
+
+def max_abs_diff(a, b) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a - b).abs().max().item()

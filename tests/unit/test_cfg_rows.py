@@ -11,6 +11,7 @@ import torch
 from deployments.families.base import DenoiseInputs, LoadSpec
 from deployments.families.specs import family_spec, load_family
 from deployments.sampling import SamplingParams
+from tests.helpers import max_abs_diff as max_diff, run_row_alone as alone
 
 PIPELINES = {"sd3": "StableDiffusion3Pipeline", "pixart": "PixArtSigmaPipeline"}
 
@@ -60,17 +61,6 @@ def inputs_for(te, prompt, negative, seeds, steps, guidance, width=64, height=64
         negative_prompt_attention_mask=None if uncond is None else uncond.prompt_attention_mask,
         sampling=SamplingParams(height, width, steps, guidance, tuple(seeds)),
     )
-
-
-def alone(dn, row):
-    while not row.done:
-        dn.forward_rows([row])
-    return dn.finish_row(row)
-
-
-def max_diff(a, b) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 def test_a_row_with_cfg_alone_equals_the_pipeline(family):

@@ -10,6 +10,7 @@ import torch
 from deployments.families import flux
 from deployments.families.base import LoadSpec
 from tests.unit.test_flux_family import inputs_for
+from tests.helpers import max_abs_diff as max_diff, run_row_alone as alone
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -25,17 +26,6 @@ def one_thread():
 def roles(tiny_flux_path):
     spec = LoadSpec(path=tiny_flux_path, dtype="float32", device="cpu")
     return flux.TextEncoding(spec), flux.Denoising(spec)
-
-
-def alone(dn, row):
-    while not row.done:
-        dn.forward_rows([row])
-    return dn.finish_row(row)
-
-
-def max_diff(a, b) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 def test_a_row_alone_equals_the_pipeline(roles, reference):
