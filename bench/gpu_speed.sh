@@ -5,6 +5,9 @@
 #   bash bench/gpu_speed.sh knobs     # the speed knobs in-process: time and drift, side by side
 #   bash bench/gpu_speed.sh fp8       # fp8 (compiled) through the service vs in-process
 #   bash bench/gpu_speed.sh load      # the load harness: pipeline, naive server, ours (eager)
+#   bash bench/gpu_speed.sh modes512  # issue 12: step vs request batching, mixed 8/28 steps, 512^2
+#   bash bench/gpu_speed.sh modes1024 # the same at 1024^2 (fewer requests: a point takes minutes)
+#   bash bench/gpu_speed.sh plan      # issue 12: per-step cost of sending the plan to the rank
 # Results (JSON) go to $OUT (default /tmp/bench-out).
 set -euo pipefail
 out=${OUT:-/tmp/bench-out}
@@ -12,7 +15,7 @@ model=/tmp/flux-dev-random
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 [ -f "$model/model_index.json" ] || python3 bench/make_random_flux.py --out "$model"
-case "${1:?service, knobs, fp8 or load}" in
+case "${1:?service, knobs, fp8, load, modes512, modes1024 or plan}" in
   service)
     python3 bench/bench_service.py --config configs/flux-1gpu.yaml --model-path "$model" \
       --size 1024x1024 --steps 28 --solo 3 --requests 12 --concurrency 4 --no-unbatched \
@@ -34,5 +37,22 @@ case "${1:?service, knobs, fp8 or load}" in
       --workload bench/workloads/flux-1024.json --targets inprocess,naive,ours \
       --denoiser '{"compile_blocks": false}' --concurrency 2,4 --requests 8 --max-seconds 45 \
       --out "$out/load"
+    ;;
+  modes512)
+    python3 bench/bench_modes.py --config configs/flux-1gpu.yaml --model-path "$model" \
+      --workload bench/workloads/flux-mixed-512.json --denoiser '{"compile_blocks": false}' \
+      --loads 0.5,0.8 --requests 24 --saturation 8 --solo 2 --repeats 1 --max-seconds 60 \
+      --budget-s "${BUDGET_S:-400}" --out "$out/modes-512"
+    ;;
+  modes1024)
+    python3 bench/bench_modes.py --config configs/flux-1gpu.yaml --model-path "$model" \
+      --workload bench/workloads/flux-mixed-1024.json --denoiser '{"compile_blocks": false}' \
+      --loads 0.5,0.8 --requests 12 --saturation 8 --solo 2 --repeats 1 --max-seconds 100 \
+      --budget-s "${BUDGET_S:-400}" --out "$out/modes-1024"
+    ;;
+  plan)
+    python3 bench/bench_plan.py --config configs/flux-1gpu.yaml --model-path "$model" \
+      --size "${SIZE:-1024x1024}" --steps 12 --rows 1,4 --denoiser '{"compile_blocks": false}' \
+      --out "$out/plan-${SIZE:-1024x1024}.json"
     ;;
 esac
