@@ -25,6 +25,7 @@ from deployments.families.base import (
     TokenizedPrompts,
     torch_dtype,
 )
+from deployments.families.rows import check_rows
 from deployments.families.speed import apply_speed_knobs, cache_context, new_run, padded_call
 from deployments.sampling import SamplingParams
 
@@ -332,18 +333,7 @@ class Denoising:
         Rows must share height and width."""
         if not rows:
             return
-        sizes = sorted({(r.height, r.width) for r in rows})
-        if len(sizes) > 1:
-            named = ", ".join(f"{h}x{w}" for h, w in sizes)
-            raise ValueError(
-                f"rows of different sizes cannot share a transformer call (height x width: {named})"
-            )
-        keys = tuple(r.key for r in rows)
-        if len(set(keys)) < len(keys) or any(r.done for r in rows):
-            raise ValueError("every row must be given once and not be done")
-        if keys != self.rows_forwarded:
-            self.rows_forwarded = keys
-            new_run(self.transformer)
+        check_rows(rows, self)
         if self.parallel is not None:  # xfuser splits this call's sequence over the group
             from xfuser.core.distributed.runtime_state import get_runtime_state
 

@@ -11,7 +11,7 @@ how the branches were placed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence
 
 from deployments.families.base import ParallelContext
 
@@ -51,3 +51,34 @@ def guided_prediction(
         pred = forward(latents, branch)
         pred_uncond, pred_text = get_cfg_group().all_gather(pred.contiguous(), separate_tensors=True)
     return pred_uncond + guidance_scale * (pred_text - pred_uncond)
+
+
+def guided_rows(
+    forward: Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor],
+    latents: Sequence[torch.Tensor],
+    cond: Sequence[Mapping[str, torch.Tensor]],
+    uncond: Sequence[Optional[Mapping[str, torch.Tensor]]],
+    guidance_scales: Sequence[float],
+) -> list[torch.Tensor]:
+    """Each row's guided prediction from ONE `forward` call: `latents[i]` (1, ...) with the tensors
+    its branches differ by (`cond[i]`, and `uncond[i]` or None for a row without CFG, each keyed
+    by the transformer's argument names, batch dimension 1). The call's rows are laid out as
+    `guided_prediction` lays out a batch, every unconditional branch first, then every conditional
+    one: `[uncond of the CFG rows..., cond of all rows...]`; a row with CFG is combined as the
+    pipelines do, `uncond + guidance_scale * (text - uncond)`, with its own scale."""
+    import torch
+
+    guided = [i for i, u in enumerate(uncond) if u is not None]
+    order = [(i, uncond[i]) for i in guided] + list(enumerate(cond))
+    batched = {k: torch.cat([b[k] for _, b in order]) for k in cond[0]}
+    pred = forward(torch.cat([latents[i] for i, _ in order]), batched)
+    preds = []
+    for i in range(len(cond)):
+        pred_text = pred[len(guided) + i : len(guided) + i + 1]
+        if uncond[i] is None:
+            preds.append(pred_text)
+            continue
+        j = guided.index(i)
+        pred_uncond = pred[j : j + 1]
+        preds.append(pred_uncond + guidance_scales[i] * (pred_text - pred_uncond))
+    return preds

@@ -37,8 +37,8 @@ from deployments.families.base import (
     torch_dtype,
 )
 from deployments.families.flux import t5_tokens
-from deployments.families.guidance import guided_prediction
-from deployments.families.sd3 import check_rows, guided_rows
+from deployments.families.guidance import guided_prediction, guided_rows
+from deployments.families.rows import check_rows
 from deployments.families.speed import apply_speed_knobs, cache_context, new_run, padded_call
 from deployments.sampling import SamplingParams
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import count
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +35,8 @@ from deployments.families.base import (
     torch_dtype,
 )
 from deployments.families.flux import t5_tokens
-from deployments.families.guidance import guided_prediction
+from deployments.families.guidance import guided_prediction, guided_rows
+from deployments.families.rows import check_rows
 from deployments.families.speed import apply_speed_knobs, cache_context, new_run, padded_call
 from deployments.sampling import SamplingParams
 
@@ -377,50 +378,6 @@ class SD3Run:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.index_select(0, index))
-
-
-def check_rows(rows: Sequence[Any], denoising: Any) -> None:
-    """Refuse rows that cannot share one `forward_rows` call (sizes, repeats, done rows), and
-    start the transformer's per-batch state afresh when the set of rows changed."""
-    sizes = sorted({(r.height, r.width) for r in rows})
-    if len(sizes) > 1:
-        named = ", ".join(f"{h}x{w}" for h, w in sizes)
-        raise ValueError(f"rows of different sizes cannot share a transformer call (height x width: {named})")
-    keys = tuple(r.key for r in rows)
-    if len(set(keys)) < len(keys) or any(r.done for r in rows):
-        raise ValueError("every row must be given once and not be done")
-    if keys != denoising.rows_forwarded:
-        denoising.rows_forwarded = keys
-        new_run(denoising.transformer)
-
-
-def guided_rows(
-    forward: Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor],
-    latents: Sequence[torch.Tensor],
-    cond: Sequence[Mapping[str, torch.Tensor]],
-    uncond: Sequence[Optional[Mapping[str, torch.Tensor]]],
-    guidance_scales: Sequence[float],
-) -> list[torch.Tensor]:
-    """Each row's guided prediction from ONE `forward` call: `latents[i]` (1, ...) with the tensors
-    its branches differ by (`cond[i]`, and `uncond[i]` or None for a row without CFG, each keyed
-    by the transformer's argument names, batch dimension 1). The call's rows are laid out as
-    `guided_prediction` lays out a batch, every unconditional branch first, then every conditional
-    one: `[uncond of the CFG rows..., cond of all rows...]`; a row with CFG is combined as the
-    pipelines do, `uncond + guidance_scale * (text - uncond)`, with its own scale."""
-    guided = [i for i, u in enumerate(uncond) if u is not None]
-    order = [(i, uncond[i]) for i in guided] + list(enumerate(cond))
-    batched = {k: torch.cat([b[k] for _, b in order]) for k in cond[0]}
-    pred = forward(torch.cat([latents[i] for i, _ in order]), batched)
-    preds = []
-    for i in range(len(cond)):
-        pred_text = pred[len(guided) + i : len(guided) + i + 1]
-        if uncond[i] is None:
-            preds.append(pred_text)
-            continue
-        j = guided.index(i)
-        pred_uncond = pred[j : j + 1]
-        preds.append(pred_uncond + guidance_scales[i] * (pred_text - pred_uncond))
-    return preds
 
 
 @dataclass(eq=False)
