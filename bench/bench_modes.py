@@ -22,6 +22,7 @@ import shlex
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,6 +159,42 @@ def table(comparison: dict) -> str:
     return "\n".join(lines)
 
 
+def run_modes(report: dict, args: dict, options: dict, cluster, templates: list[dict], bodies: list[dict],
+              ns: argparse.Namespace, out: Path, begin: float, route_prefix: str = "/") -> None:
+    """Each mode `ns.repeats` times, interleaved, into report["runs"] (the capacity from the first
+    run's solo times); report.json is rewritten after every run, so a cut-short run keeps its figures."""
+    rates: list[float] = []
+    for repeat in range(ns.repeats):
+        for mode in (MODES if repeat % 2 == 0 else MODES[::-1]):
+            if ns.budget_s and time.perf_counter() - begin > ns.budget_s:
+                print(f"== {mode} #{repeat + 1}: skipped, past --budget-s", flush=True)
+                continue
+            print(f"== {mode} #{repeat + 1}", flush=True)
+            target = ServeTarget(f"ours-{mode}", mode_args(args, mode), options, cluster, route_prefix=route_prefix)
+            run = {"mode": mode, "repeat": repeat}
+            try:
+                started = time.perf_counter()
+                target.start()
+                run["start_s"] = time.perf_counter() - started
+                for template in templates:  # every step count once, before anything is timed
+                    body = {k: v for k, v in template.items() if k != "weight"}
+                    target.send({**body, "prompt": "warm-up", "seed": 999_999}, ns.timeout)
+                if report["capacity"] is None:
+                    report["capacity"] = {"mode": mode, **solo_capacity(target, templates, ns.solo, ns.timeout)}
+                    print(f"  capacity {report['capacity']['capacity_per_s']:.3f}/s "
+                          f"(mean solo {report['capacity']['mean_solo_s']:.2f} s)", flush=True)
+                rates = [load * report["capacity"]["capacity_per_s"] for load in ns.loads]
+                run["points"] = run_mode(target, bodies, rates, ns)
+            except Exception as exc:  # a failed run is recorded; the other mode still runs
+                traceback.print_exc()
+                run["error"] = f"{type(exc).__name__}: {exc}"
+            finally:
+                target.stop()
+            report["runs"].append(run)
+            report["comparison"] = compare(report["runs"], ns.loads)
+            (out / "report.json").write_text(json.dumps(report, indent=2))
+
+
 def main(argv=None) -> int:
     ns = parse_args(argv)
     begin = time.perf_counter()
@@ -184,41 +221,9 @@ def main(argv=None) -> int:
         "capacity": None,
         "runs": [],
     }
-    options = deployment_options(deployments, False)
     cluster = RayCluster(device, replica_env(ns.config))
-    rates: list[float] = []
     try:
-        for repeat in range(ns.repeats):
-            for mode in (MODES if repeat % 2 == 0 else MODES[::-1]):
-                if ns.budget_s and time.perf_counter() - begin > ns.budget_s:
-                    print(f"== {mode} #{repeat + 1}: skipped, past --budget-s", flush=True)
-                    continue
-                print(f"== {mode} #{repeat + 1}", flush=True)
-                target = ServeTarget(f"ours-{mode}", mode_args(args, mode), options, cluster)
-                run = {"mode": mode, "repeat": repeat}
-                try:
-                    started = time.perf_counter()
-                    target.start()
-                    run["start_s"] = time.perf_counter() - started
-                    for template in templates:  # every step count once, before anything is timed
-                        body = {k: v for k, v in template.items() if k != "weight"}
-                        target.send({**body, "prompt": "warm-up", "seed": 999_999}, ns.timeout)
-                    if report["capacity"] is None:
-                        report["capacity"] = {"mode": mode, **solo_capacity(target, templates, ns.solo, ns.timeout)}
-                        rates = [load * report["capacity"]["capacity_per_s"] for load in ns.loads]
-                        print(f"  capacity {report['capacity']['capacity_per_s']:.3f}/s "
-                              f"(mean solo {report['capacity']['mean_solo_s']:.2f} s)", flush=True)
-                    run["points"] = run_mode(target, bodies, rates, ns)
-                except Exception as exc:  # a failed run is recorded; the other mode still runs
-                    import traceback
-
-                    traceback.print_exc()
-                    run["error"] = f"{type(exc).__name__}: {exc}"
-                finally:
-                    target.stop()
-                report["runs"].append(run)
-                report["comparison"] = compare(report["runs"], ns.loads)
-                (out / "report.json").write_text(json.dumps(report, indent=2))
+        run_modes(report, args, deployment_options(deployments, False), cluster, templates, bodies, ns, out, begin)
     finally:
         cluster.shutdown()
     report["seconds"] = time.perf_counter() - begin

@@ -195,10 +195,12 @@ class NaiveTarget:
 class RayCluster:
     """One local Ray cluster + Serve proxy for the `ours` targets, started on first use."""
 
-    def __init__(self, device: str, env_vars: dict[str, str] | None = None):
+    def __init__(self, device: str, env_vars: dict[str, str] | None = None, url: str = ""):
+        """`url`: a cluster and proxy already running (its Serve HTTP address); none is started."""
         self.device = device
         self.env_vars = dict(env_vars or {})
-        self.url = ""
+        self.url = url
+        self.owned = False  # shutdown() stops only a cluster that ensure() started
 
     def ensure(self) -> str:
         if not self.url:
@@ -216,11 +218,11 @@ class RayCluster:
             )
             port = free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            self.url = f"http://127.0.0.1:{port}"
+            self.url, self.owned = f"http://127.0.0.1:{port}", True
         return self.url
 
     def shutdown(self) -> None:
-        if self.url:
+        if self.owned:
             import ray
             from ray import serve
 
@@ -228,14 +230,16 @@ class RayCluster:
                 serve.shutdown()
             finally:
                 ray.shutdown()
-                self.url = ""
+                self.url, self.owned = "", False
 
 
 class ServeTarget:
     """Our app, deployed into `cluster` on start() and deleted on stop(), called over HTTP."""
 
-    def __init__(self, name: str, args: dict, options: dict, cluster: RayCluster):
+    def __init__(self, name: str, args: dict, options: dict, cluster: RayCluster, route_prefix: str = "/",
+                 app_name: str = APP_NAME):
         self.name, self.cluster = name, cluster
+        self.route_prefix, self.app_name = route_prefix, app_name
         self.args = copy.deepcopy(args)
         self.options = options
         self.url = ""
@@ -251,8 +255,9 @@ class ServeTarget:
         self.store_dir = tempfile.mkdtemp(prefix=f"dit-bench-{self.name}-")
         args = copy.deepcopy(self.args)
         args.setdefault("jobs", {}).setdefault("store", {})["path"] = str(Path(self.store_dir) / "jobs.sqlite3")
-        self.url = self.cluster.ensure()
-        serve.run(build_graph(AppConfig.model_validate(args), self.options), name=APP_NAME, route_prefix="/")
+        self.url = self.cluster.ensure() + self.route_prefix.rstrip("/")
+        serve.run(build_graph(AppConfig.model_validate(args), self.options), name=self.app_name,
+                  route_prefix=self.route_prefix)
 
     def send(self, body: dict, timeout: float) -> Outcome:
         return http_send(self.url, body, timeout)
@@ -261,7 +266,7 @@ class ServeTarget:
         from ray import serve
 
         if self.url:
-            serve.delete(APP_NAME)
+            serve.delete(self.app_name)
             self.url = ""
         if self.store_dir:
             shutil.rmtree(self.store_dir, ignore_errors=True)

@@ -201,3 +201,48 @@ def test_naive_server_answers_pngs_and_frees_its_port(tiny_flux_path, tmp_path):
     with socket.socket() as s:  # and a server could bind it again
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
+
+
+# --- step vs request batching (bench/bench_modes.py) --------------------------------------------
+
+
+def test_the_modes_benchmark_runs_both_batching_modes(ray_cluster, tmp_path):
+    """bench_modes' loop on the tiny model: the request mode, then the step mode, each deployed,
+    warmed up and given the same seeded arrivals at a fraction of the capacity that the request
+    mode's solo times give, then a closed loop; report.json compares the two."""
+    import copy
+
+    from bench.bench_modes import parse_args, run_modes
+    from bench.targets import RayCluster
+    from tests.integration.conftest import TEST_ARGS
+
+    templates = [
+        {"weight": 0.5, "size": "64x64", "num_inference_steps": 2, "n": 1},
+        {"weight": 0.5, "size": "64x64", "num_inference_steps": 12, "n": 1},
+    ]
+    bodies = draw_requests(templates, 8, seed=2)
+    ns = parse_args(["--loads", "0.8", "--requests", "8", "--saturation", "4", "--solo", "1", "--repeats", "1",
+                     "--max-seconds", "30", "--timeout", "60"])
+    args = copy.deepcopy(TEST_ARGS)
+    args["denoiser"]["batching"]["batch_wait_timeout_s"] = 0.05
+    report = {"capacity": None, "runs": []}
+    run_modes(report, args, {}, RayCluster("cpu", url=ray_cluster), templates, bodies, ns, tmp_path,
+              time.perf_counter(), route_prefix="/modes")
+
+    assert [(r["mode"], r.get("error")) for r in report["runs"]] == [("request", None), ("step", None)]
+    capacity = report["capacity"]
+    assert capacity["mode"] == "request" and [t["template"]["num_inference_steps"] for t in capacity["templates"]] == [2, 12]
+    assert capacity["capacity_per_s"] == pytest.approx(1 / capacity["mean_solo_s"])
+    for run in report["runs"]:
+        (point,) = run["points"]["open"]
+        assert point["rate"] == pytest.approx(0.8 * capacity["capacity_per_s"])
+        assert point["status_codes"] == {"200": 8} and set(point["latency_by_steps_s"]) == {"2", "12"}
+        closed = run["points"]["closed"]
+        assert closed["concurrency"] == 4 and closed["status_codes"] == {"200": 8} and closed["images"] == 8
+    (row,) = report["comparison"]["open"]
+    for mode in ("request", "step"):
+        assert row[mode]["runs"] == 1 and row[mode]["shortest_steps"] == "2" and row[mode]["failed"] == 0
+    assert row["p99_shortest_step_over_request"] == pytest.approx(
+        row["step"]["p99_shortest_s"] / row["request"]["p99_shortest_s"])
+    assert report["comparison"]["saturation"]["step_over_request"] > 0
+    assert json.loads((tmp_path / "report.json").read_text())["runs"] == report["runs"]
