@@ -1,10 +1,10 @@
 """Denoiser deployment: prompt embeddings -> latents, batched by key, run step by step on a group
 of worker actors (one per GPU; a sequence-parallel group when there are several).
 
-A batch is split by batch key (size, steps, guidance); each group runs through `run_group`, which
-stops cancelled requests between steps (see `deployments.denoise_loop`). With
-`denoiser.batching.mode: step` (FLUX, one rank) requests instead join and leave a running batch at
-step boundaries (`deployments.step_scheduler`). Every image gets its own
+By default (`denoiser.batching.mode: step`, unless cfg_degree 2 or a step cache asks for the request
+mode) requests join and leave a running batch at step boundaries (`deployments.step_scheduler`).
+In the request mode a batch is split by batch key (size, steps, guidance); each group runs through
+`run_group`, which stops cancelled requests between steps (see `deployments.denoise_loop`). Every image gets its own
 `torch.Generator` from its seed and every batch its own scheduler, so an image depends only on its
 own request. Failures are per request: a broken worker group gives a retryable 503, a batch out of
 device memory runs again in halves and only an image that does not fit alone fails its request with
@@ -116,7 +116,7 @@ class Denoiser:
         self._watcher = None
         self._retiring = False
         self._batcher = self._scheduler = None
-        if dn.batching.mode == "step":  # requests join and leave at step boundaries
+        if dn.batching_mode == "step":  # requests join and leave at step boundaries
             self._scheduler = StepScheduler(self._group, self._progress, dn.batching.max_batch_size, self._retire)
         else:
             self._batcher = StageBatcher.from_config(self._denoise_batch, dn.batching, images_in)

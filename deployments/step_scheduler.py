@@ -1,4 +1,4 @@
-"""Step-level batching for the denoiser (`denoiser.batching.mode: step`, FLUX, one rank).
+"""Step-level batching for the denoiser (`denoiser.batching.mode: step`, the default).
 
 Requests join and leave a running batch at step boundaries instead of waiting for a whole batch to
 end: every call to the worker group (`WorkerGroup.rows_step`) forwards every running row once, each

@@ -120,16 +120,16 @@ class BatchingConfig(_Strict):
             " runs at once). Items that queue while a batch runs join the next batch with no wait."
         ),
     )
-    mode: Literal["request", "step"] = Field(
-        "request",
+    mode: Optional[Literal["request", "step"]] = Field(
+        None,
         description=(
             "Denoiser only (other stages refuse `step`). `request`: a batch of same-key requests"
             " (size, steps, guidance) runs to its last step before the next starts. `step`:"
             " requests join and leave a running batch at step boundaries, each row at its own"
             " step, step count and guidance (same size only, max_batch_size transformer rows, an"
             " image with classifier-free guidance counting twice); with sequence parallelism but"
-            " not cfg_degree 2, without step_cache. `request` stays the default while step mode"
-            " is new (measured on CPU only)."
+            " not cfg_degree 2, without step_cache. Unset: `step` for the denoiser, unless the"
+            " config sets cfg_degree 2 or a step_cache (then `request`); `request` elsewhere."
         ),
     )
 
@@ -309,6 +309,14 @@ class DenoiserConfig(StageConfig):
     def world_size(self) -> int:
         """Worker actors (one device each) of one replica."""
         return self.cfg_degree * self.sp_degree
+
+    @property
+    def batching_mode(self) -> str:
+        """`batching.mode`, or when unset: `step`, unless cfg_degree 2 or a step cache asks for
+        what only the request mode does (an explicit `step` with them is refused)."""
+        if self.batching.mode:
+            return self.batching.mode
+        return "request" if self.cfg_degree > 1 or self.step_cache else "step"
 
     @model_validator(mode="after")
     def _worker_has_resources(self) -> "DenoiserConfig":

@@ -1,5 +1,7 @@
 """`denoiser.batching.mode: step` (step-level batching) is accepted only where it can run: a family
-with per-row denoising (all three today), one rank, no step cache; other stages refuse it."""
+with per-row denoising (all three today), no CFG-parallel ranks, no step cache; other stages refuse
+it. Unset, the denoiser runs in step mode unless the config asks for what only the request mode
+does."""
 
 from __future__ import annotations
 
@@ -16,9 +18,20 @@ def config(family: str, denoiser: dict, **stages):
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3", "pixart"])
-def test_step_mode_is_accepted_for_every_family_and_request_stays_the_default(family):
-    assert AppConfig().denoiser.batching.mode == "request"
-    assert config(family, {"batching": {"mode": "step"}}).denoiser.batching.mode == "step"
+def test_step_mode_is_accepted_for_every_family_and_is_the_default(family):
+    assert AppConfig().denoiser.batching_mode == "step"
+    assert config(family, {}).denoiser.batching_mode == "step"
+    assert config(family, {"batching": {"mode": "step"}}).denoiser.batching_mode == "step"
+    assert config(family, {"batching": {"mode": "request"}}).denoiser.batching_mode == "request"
+
+
+@pytest.mark.parametrize(
+    "family, denoiser",
+    [("sd3", {"cfg_degree": 2}), ("pixart", {"cfg_degree": 2}), ("flux", {"step_cache": {"kind": "first_block"}})],
+)
+def test_unset_mode_is_request_where_step_cannot_run(family, denoiser):
+    """A config that asks for CFG-parallel ranks or a step cache keeps working with the mode unset."""
+    assert config(family, denoiser).denoiser.batching_mode == "request"
 
 
 def test_step_mode_takes_sequence_parallelism():
