@@ -116,6 +116,7 @@ class StepScheduler:
     _arrivals: int = 0
     _call_s: Optional[float] = None  # recent time of one call (moving average): deadline estimates
     _limit: Optional[int] = None  # rows a call may hold after an out of memory (None: max_rows)
+    _drops: list = field(default_factory=list)  # ids of stopped rows still on the ranks: next call
 
     async def submit(self, item: DenoiseItem):
         """The request's latents (CPU, its rows), or `Cancelled`, or the error value (`Unavailable`,
@@ -176,9 +177,11 @@ class StepScheduler:
         computes), or None."""
         await self.progress.flush()  # steps reported so far reach the log before flags are read
         stopped = await self.progress.stopped([e.id for e in self._everyone()])
-        drops = [rid for rid in self._running if rid in stopped]
-        for rid in drops:
+        # Their rows leave the ranks with the next call sent, whenever that is: if nothing is left to
+        # compute now, a later request's first call carries them (or they would be forwarded again).
+        for rid in [rid for rid in self._running if rid in stopped]:
             entry = self._running.pop(rid)
+            self._drops.append(rid)
             self._end(entry, Cancelled(rid, STAGE, entry.steps_done))
         for entry in [e for e in self._waiting if e.id in stopped]:
             self._waiting.remove(entry)
@@ -194,6 +197,7 @@ class StepScheduler:
             if index is not None:
                 previews[entry.id] = (entry.planned, index)
         joined = [(e.id, stack_inputs([e.item])) for e in joins]
+        drops, self._drops = self._drops, []
         try:
             call = self.group.rows_step(joined, drops, paused, list(previews))
         except WorkerGroupBroken as exc:
@@ -341,6 +345,18 @@ class StepScheduler:
                 continue
             entry.trace = StageTrace(STAGE, entry.max_rows, time.perf_counter() - entry.joined)
             self.progress.emit([events.stage_finished(rid, STAGE, entry.max_rows, entry.trace.seconds)])
+            # The stage's batch metrics, one observation per request: the most rows it shared a
+            # call with, and its time from joining to its last step.
+            self.progress.metrics.batch(entry.max_rows, entry.trace.seconds)
+            logger.info(
+                "denoiser request=%s steps=%d size=%dx%d rows<=%d %.3fs",
+                rid,
+                entry.steps,
+                entry.item.spec.sampling.width,
+                entry.item.spec.sampling.height,
+                entry.max_rows,
+                entry.trace.seconds,
+            )
             self._end(entry, latents)
         if not self._running:
             self._limit = None  # the rows of an out of memory have drained: full calls again

@@ -191,6 +191,34 @@ def test_a_cancelled_request_leaves_within_one_step(group, store):
     assert_alone(group, a, got_a, "cancel")
 
 
+def test_a_cancelled_request_that_was_alone_leaves_the_ranks_too(group, store):
+    """a is stopped while it runs alone, so no call follows at once; its rows must still leave
+    the ranks (with the next call sent): b, of another size, then runs (rows of two sizes cannot
+    share a call), and c, of a's size, runs alone (rows 1) with its own image."""
+    from deployments.payloads import Cancelled
+
+    a = item(store, "a", steps=40, guidance=3.5, seed=81)
+    b = item(store, "b", steps=3, guidance=3.5, seed=82, width=64, height=64)
+    c = item(store, "c", steps=3, guidance=3.5, seed=83)
+
+    async def scenario():
+        sched = scheduler(group, store)
+        call = asyncio.ensure_future(sched.submit(a))
+        await until(store, "a", 2)
+        await asyncio.to_thread(store.request_cancel, "a", retention_s=60)
+        got_a = await call
+        await sched.progress.flush()
+        assert not sched._running and not sched._waiting
+        return got_a, await sched.submit(b), await sched.submit(c)
+
+    got_a, got_b, got_c = asyncio.run(scenario())
+    assert isinstance(got_a, Cancelled) and got_a.steps_done < 40
+    assert [s["rows"] for s in steps_of(store, "b")] == [1, 1, 1]
+    assert [s["rows"] for s in steps_of(store, "c")] == [1, 1, 1]
+    assert_alone(group, b, got_b, "cancelled-alone")
+    assert_alone(group, c, got_c, "cancelled-alone")
+
+
 def test_a_request_of_another_size_waits_and_blocks_later_ones(group, store):
     """FIFO: b (another size) waits for a to end, then runs alone; c (a's size) came after b, so it
     does not overtake b by joining a."""
