@@ -29,7 +29,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.load import csv, machine  # noqa: E402
-from bench.loadgen import GpuSampler, closed_loop, draw_requests, load_workload, open_loop, summarize  # noqa: E402
+from bench.loadgen import (  # noqa: E402
+    GpuSampler,
+    _header,
+    closed_loop,
+    draw_requests,
+    latency_stats,
+    load_workload,
+    open_loop,
+    parse_server_timing,
+    summarize,
+)
 from bench.targets import RayCluster, ServeTarget, deployment_options, read_config, replica_env  # noqa: E402
 
 MODES = ("request", "step")
@@ -68,29 +78,42 @@ def mode_args(args: dict, mode: str) -> dict:
 
 def solo_capacity(target, templates: list[dict], solo: int, timeout: float) -> dict:
     """Median latency of `solo` sequential requests per template, alone; capacity = 1 / the
-    weighted mean (requests/s one replica serves one at a time)."""
+    weighted mean (requests/s one replica serves one at a time). `fixed_s`: the part of a solo
+    request outside the denoiser (HTTP, text encoder, VAE, encoding), which no batching mode changes."""
     per_template = []
     for i, template in enumerate(templates):
         body = {k: v for k, v in template.items() if k != "weight"}
-        times = []
+        times, denoiser = [], []
         for j in range(solo):
             began = time.perf_counter()
             outcome = target.send({**body, "prompt": "capacity", "seed": 1000 * i + j}, timeout)
             if outcome.status != 200:
                 raise RuntimeError(f"solo request {body} answered {outcome.status}: {outcome.error}")
             times.append(time.perf_counter() - began)
-        per_template.append({"template": body, "weight": template.get("weight", 1.0), "median_s": statistics.median(times)})
+            denoiser.append(parse_server_timing(_header(outcome.headers, "Server-Timing")).get("denoiser", 0.0))
+        median, denoise = statistics.median(times), statistics.median(denoiser)
+        per_template.append({"template": body, "weight": template.get("weight", 1.0), "median_s": median,
+                             "denoiser_s": denoise, "fixed_s": median - denoise})
     total = sum(t["weight"] for t in per_template)
     mean = sum(t["weight"] * t["median_s"] for t in per_template) / total
     return {"templates": per_template, "mean_solo_s": mean, "capacity_per_s": 1.0 / mean}
 
 
-def run_mode(target, bodies: list[dict], rates: list[float], ns: argparse.Namespace) -> dict:
+def beyond_fixed(records, bodies: list[dict], capacity: dict) -> dict:
+    """Latency figures of the 200s less the solo fixed cost of their kind (same step count)."""
+    fixed = {t["template"].get("num_inference_steps"): t["fixed_s"] for t in capacity["templates"]}
+    return latency_stats([r.latency - fixed.get(bodies[r.index].get("num_inference_steps"), 0.0)
+                          for r in records if r.outcome.status == 200])
+
+
+def run_mode(target, bodies: list[dict], rates: list[float], capacity: dict, ns: argparse.Namespace) -> dict:
     points = {"open": [], "closed": None}
     for load, rate in zip(ns.loads, rates):
         with GpuSampler() as gpu:
             records, wall = open_loop(target.send, bodies, rate, ns.seed, ns.max_seconds, ns.timeout)
-        points["open"].append({"load": load, "rate": rate, **summarize(records, wall, len(bodies), bodies), "gpu_util_mean": gpu.mean})
+        points["open"].append({"load": load, "rate": rate, **summarize(records, wall, len(bodies), bodies),
+                               "latency_beyond_fixed_s": beyond_fixed(records, bodies, capacity),
+                               "gpu_util_mean": gpu.mean})
         print(f"  {target.name}: open {load:g} ({rate:.3f}/s) done in {wall:.1f} s", flush=True)
     if ns.saturation:
         sat = bodies[: ns.saturation_requests or len(bodies)]
@@ -123,6 +146,7 @@ def compare(runs: list[dict], loads: list[float]) -> dict:
                 "runs": len(pts),
                 "p50_all_s": _mean([p["latency_s"]["p50"] for p in pts]),
                 "p99_all_s": _mean([p["latency_s"]["p99"] for p in pts]),
+                "p50_all_beyond_fixed_s": _mean([p["latency_beyond_fixed_s"]["p50"] for p in pts]),
                 "shortest_steps": shortest[0][0] if shortest else None,
                 "p99_shortest_s": _mean([s["p99"] for _, s in shortest]),
                 "p50_shortest_s": _mean([s["p50"] for _, s in shortest]),
@@ -132,6 +156,8 @@ def compare(runs: list[dict], loads: list[float]) -> dict:
             "load": load, **fig,
             "p99_shortest_step_over_request": _ratio(fig["step"]["p99_shortest_s"], fig["request"]["p99_shortest_s"]),
             "p50_all_step_over_request": _ratio(fig["step"]["p50_all_s"], fig["request"]["p50_all_s"]),
+            "p50_beyond_fixed_step_over_request": _ratio(fig["step"]["p50_all_beyond_fixed_s"],
+                                                         fig["request"]["p50_all_beyond_fixed_s"]),
         })
     sat = {m: _mean([r["points"]["closed"]["images_per_s"] for r in by_mode[m] if r["points"].get("closed")]) for m in MODES}
     if any(v is not None for v in sat.values()):
@@ -143,14 +169,15 @@ def table(comparison: dict) -> str:
     def f(v, spec=".2f"):
         return "-" if v is None else format(v, spec)
 
-    lines = ["| load | p99 shortest step / request (s) | ratio | p50 all step / request (s) | ratio |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = ["| load | p99 shortest step / request (s) | ratio | p50 all step / request (s) | ratio"
+             " | p50 beyond fixed costs, ratio |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for row in comparison["open"]:
         s, r = row["step"], row["request"]
         lines.append(
             f"| {row['load']:g} | {f(s['p99_shortest_s'])} / {f(r['p99_shortest_s'])} ({s['shortest_steps']} steps)"
             f" | {f(row['p99_shortest_step_over_request'])}x | {f(s['p50_all_s'])} / {f(r['p50_all_s'])}"
-            f" | {f(row['p50_all_step_over_request'])}x |"
+            f" | {f(row['p50_all_step_over_request'])}x | {f(row['p50_beyond_fixed_step_over_request'])}x |"
         )
     sat = comparison["saturation"]
     if sat:
@@ -184,7 +211,7 @@ def run_modes(report: dict, args: dict, options: dict, cluster, templates: list[
                     print(f"  capacity {report['capacity']['capacity_per_s']:.3f}/s "
                           f"(mean solo {report['capacity']['mean_solo_s']:.2f} s)", flush=True)
                 rates = [load * report["capacity"]["capacity_per_s"] for load in ns.loads]
-                run["points"] = run_mode(target, bodies, rates, ns)
+                run["points"] = run_mode(target, bodies, rates, report["capacity"], ns)
             except Exception as exc:  # a failed run is recorded; the other mode still runs
                 traceback.print_exc()
                 run["error"] = f"{type(exc).__name__}: {exc}"

@@ -233,10 +233,13 @@ def test_the_modes_benchmark_runs_both_batching_modes(ray_cluster, tmp_path):
     capacity = report["capacity"]
     assert capacity["mode"] == "request" and [t["template"]["num_inference_steps"] for t in capacity["templates"]] == [2, 12]
     assert capacity["capacity_per_s"] == pytest.approx(1 / capacity["mean_solo_s"])
+    for t in capacity["templates"]:  # the denoiser's share (Server-Timing) and what is left outside it
+        assert 0 < t["denoiser_s"] < t["median_s"] and t["fixed_s"] == pytest.approx(t["median_s"] - t["denoiser_s"])
     for run in report["runs"]:
         (point,) = run["points"]["open"]
         assert point["rate"] == pytest.approx(0.8 * capacity["capacity_per_s"])
         assert point["status_codes"] == {"200": 8} and set(point["latency_by_steps_s"]) == {"2", "12"}
+        assert point["latency_beyond_fixed_s"]["p50"] < point["latency_s"]["p50"]
         closed = run["points"]["closed"]
         assert closed["concurrency"] == 4 and closed["status_codes"] == {"200": 8} and closed["images"] == 8
     (row,) = report["comparison"]["open"]
