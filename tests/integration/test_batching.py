@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.helpers import b64_image, batch_sizes, concurrently, generate, max_level_diff
+from tests.integration.conftest import TEST_ARGS, own_store
+
+REQUEST_APP = "batch-request-mode"
 
 PROMPTS = [
     "a cat on a sofa",
@@ -35,19 +40,35 @@ def test_seed_alone_equals_same_seed_in_a_batch_of_eight(base_url, reference):
         assert max_level_diff(image, ref) <= 1, body
 
 
-def test_mixed_shapes_and_settings_in_one_window(base_url, reference):
-    """Requests of different shapes arriving together are split by shape key, never mixed."""
-    bodies = [
-        {"prompt": "a red apple", "seed": 1, "size": "128x128"},
-        {"prompt": "a green pear", "seed": 2, "size": "192x128"},
-        {"prompt": "a yellow banana", "seed": 3, "size": "128x128", "n": 2},
-        {"prompt": "an orange", "seed": 4, "size": "192x128", "num_inference_steps": 5},
-        {"prompt": "a lemon", "seed": 5, "size": "128x128", "guidance_scale": 7.0},
-        {"prompt": "a plum", "seed": 6, "size": "192x128"},
-    ]
-    responses = concurrently(lambda b: generate(base_url, b), bodies, workers=len(bodies))
-    assert [r.status_code for r in responses] == [200] * len(bodies)
-    for body, r in zip(bodies, responses):
+@pytest.fixture(scope="module")
+def request_mode_url(ray_cluster):
+    """The package's test app with `denoiser.batching.mode: request`."""
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    denoiser = {**TEST_ARGS["denoiser"], "batching": {**TEST_ARGS["denoiser"]["batching"], "mode": "request"}}
+    serve.run(build_app(own_store({**TEST_ARGS, "denoiser": denoiser}, REQUEST_APP)), name=REQUEST_APP,
+              route_prefix=f"/{REQUEST_APP}")
+    yield f"{ray_cluster}/{REQUEST_APP}"
+    serve.delete(REQUEST_APP)
+
+
+MIXED = [
+    {"prompt": "a red apple", "seed": 1, "size": "128x128"},
+    {"prompt": "a green pear", "seed": 2, "size": "192x128"},
+    {"prompt": "a yellow banana", "seed": 3, "size": "128x128", "n": 2},
+    {"prompt": "an orange", "seed": 4, "size": "192x128", "num_inference_steps": 5},
+    {"prompt": "a lemon", "seed": 5, "size": "128x128", "guidance_scale": 7.0},
+    {"prompt": "a plum", "seed": 6, "size": "192x128"},
+]
+
+
+def mixed_window(url, reference) -> list:
+    """MIXED sent at once: every request gets its own images (the same seed's reference)."""
+    responses = concurrently(lambda b: generate(url, b), MIXED, workers=len(MIXED))
+    assert [r.status_code for r in responses] == [200] * len(MIXED)
+    for body, r in zip(MIXED, responses):
         w, h = map(int, body["size"].split("x"))
         refs = reference.images(
             body["prompt"],
@@ -61,5 +82,20 @@ def test_mixed_shapes_and_settings_in_one_window(base_url, reference):
         got = [b64_image(d["b64_json"]) for d in r.json()["data"]]
         assert len(got) == len(refs)
         assert max(max_level_diff(g, ref) for g, ref in zip(got, refs)) <= 1, body
-    # same-key requests (128x128, 4 steps, 3.5) shared one transformer batch: 1 + 2 images
+    return responses
+
+
+def test_mixed_shapes_and_settings_in_one_window(base_url, reference):
+    """The default step mode: same-size requests may share calls whatever their steps and
+    guidance, never with another size. A request's calls held only its own size's rows: 128x128
+    ones are 1 + 2 + 1 images, 192x128 ones 1 + 1 + 1."""
+    for body, r in zip(MIXED, mixed_window(base_url, reference)):
+        assert batch_sizes(r)["denoiser"] <= (4 if body["size"] == "128x128" else 3), (body, batch_sizes(r))
+
+
+def test_request_mode_splits_a_window_by_key(request_mode_url, reference):
+    """The request mode: requests arriving together are split by key (size, steps, guidance);
+    same-key ones (128x128, 4 steps, 3.5) share one transformer batch of 1 + 2 images."""
+    responses = mixed_window(request_mode_url, reference)
     assert batch_sizes(responses[0])["denoiser"] == 3
+    assert batch_sizes(responses[4])["denoiser"] == 1  # the lemon: its own guidance, its own batch

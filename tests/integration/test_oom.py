@@ -27,8 +27,9 @@ OOM_ARGS = {
         "ulysses_degree": 2,
         "worker_num_cpus": 0.5,
         "warmup_sizes": [],
-        # long windows: concurrent requests share a batch even on a loaded 2-core machine
-        "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 1.0},
+        # The request mode's split in halves (the step mode's restart has its own app below); long
+        # windows: concurrent requests share a batch even on a loaded 2-core machine
+        "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 1.0, "mode": "request"},
     },
     "vae_decoder": {**TEST_ARGS["vae_decoder"], "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.5}},
 }
