@@ -28,19 +28,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.load import csv, machine  # noqa: E402
+from bench.load import csv, machine, setup  # noqa: E402
 from bench.loadgen import (  # noqa: E402
     GpuSampler,
     _header,
     closed_loop,
-    draw_requests,
     latency_stats,
-    load_workload,
     open_loop,
     parse_server_timing,
     summarize,
 )
-from bench.targets import RayCluster, ServeTarget, deployment_options, read_config, replica_env  # noqa: E402
+from bench.targets import RayCluster, ServeTarget, deployment_options, replica_env  # noqa: E402
 
 MODES = ("request", "step")
 
@@ -225,19 +223,7 @@ def run_modes(report: dict, args: dict, options: dict, cluster, templates: list[
 def main(argv=None) -> int:
     ns = parse_args(argv)
     begin = time.perf_counter()
-    import torch
-
-    from deployments.tiny.store import resolve_model_path
-
-    args, deployments = read_config(ns.config, ns.model_path)
-    args["model"]["path"] = resolve_model_path(args["model"]["path"])
-    if ns.denoiser:
-        args.setdefault("denoiser", {}).update(json.loads(ns.denoiser))
-    templates = load_workload(ns.workload)
-    bodies = draw_requests(templates, ns.requests, ns.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = Path(ns.out or ROOT / "bench" / "results" / datetime.datetime.now().strftime("modes-%Y%m%d-%H%M%S"))
-    out.mkdir(parents=True, exist_ok=True)
+    args, deployments, templates, bodies, device, out = setup(ns, "modes-")
     report = {
         "machine": machine(device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

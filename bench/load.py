@@ -119,9 +119,10 @@ def run_target(target, bodies: list[dict], ns: argparse.Namespace) -> dict:
     return result
 
 
-def main(argv=None) -> int:
-    ns = parse_args(argv)
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+def setup(ns: argparse.Namespace, out_prefix: str = ""):
+    """What a run of the harness starts from (this one's or bench_modes.py's): the config's args
+    (model path resolved, `--denoiser` merged), its deployments, the workload templates, the seeded
+    request bodies, the device, and the output folder (made)."""
     import torch
 
     from deployments.tiny.store import resolve_model_path
@@ -133,8 +134,16 @@ def main(argv=None) -> int:
     templates = load_workload(ns.workload)
     bodies = draw_requests(templates, ns.requests, ns.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = Path(ns.out or ROOT / "bench" / "results" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    stamp = datetime.datetime.now().strftime(f"{out_prefix}%Y%m%d-%H%M%S")
+    out = Path(ns.out or ROOT / "bench" / "results" / stamp)
     out.mkdir(parents=True, exist_ok=True)
+    return args, deployments, templates, bodies, device, out
+
+
+def main(argv=None) -> int:
+    ns = parse_args(argv)
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    args, deployments, templates, bodies, device, out = setup(ns)
 
     meta = {
         "machine": machine(device),
