@@ -75,6 +75,26 @@ def test_rows_leaving_mid_run_move_the_batch_down_a_bucket(spec, encoder):
     assert torch.allclose(latents, alone, atol=1e-5)
 
 
+def test_step_mode_rows_run_only_as_warmed_batches_while_they_join_and_leave(spec, encoder):
+    """Step-level batching pads each call's rows to a bucket too: a joins alone (2 rows), b joins
+    at a's second step (3 rows: the bucket of 4), a ends after 3 steps (b alone: 1). Every row ends
+    with the latents its request gets by itself."""
+    a_in = inputs_for((encoder,), PROMPTS[:2], [[1], [2]], 64, 64, steps=3)
+    b_in = inputs_for((encoder,), PROMPTS[2:], [[3]], 64, 64, steps=5, guidance=5.0)
+    model = denoiser(spec, batch_buckets=(1, 2, 4))
+    seen = forward_batches(model)
+    a, b = model.prepare_rows(a_in), model.prepare_rows(b_in)
+    model.forward_rows(a)
+    rows = a + b
+    while rows:
+        model.forward_rows(rows)
+        rows = [r for r in rows if not r.done]
+    assert seen == [2, 4, 4, 1, 1, 1]
+    plain = denoiser(spec)
+    assert torch.allclose(torch.cat([model.finish_row(r) for r in a]), plain.denoise(a_in), atol=1e-5)
+    assert torch.allclose(model.finish_row(b[0]), plain.denoise(b_in), atol=1e-5)
+
+
 def block_calls(model: flux.Denoising) -> list[int]:
     calls = [0]
     # A skipped block still "runs" (the cache hook answers for it); its attention's projections do not.
