@@ -9,14 +9,16 @@ Between two calls the scheduler, and only it, decides (the ranks never do):
   - stop: running or waiting requests whose stop flag is set (a DELETE anywhere, an ended job, a
     caller that went away: `StageProgress.stopped`) leave; running ones are dropped on the ranks
     with the next call, and their callers get `Cancelled(id, "denoiser", steps done)`;
-  - plan: every request here (running, paused or waiting) in order of priority, then arrival;
-    the call computes the longest prefix of that order that shares the first one's size (height,
-    width) and fits `max_rows` transformer rows (a request with classifier-free guidance counts
-    twice). A request that does not fit blocks everyone behind it (no starvation of big or
-    other-size requests within a priority). Waiting requests in the prefix join; running requests
-    left out of it are paused: their rows stay on the ranks, latents and scheduler state and all,
-    and resume where they stopped when they are back in the prefix, with the image they would
-    have had (each row has its own scheduler and generator);
+  - plan: every request here (running, paused or waiting) with steps left to send, in order of
+    priority, then arrival. The first one's size (height, width) is the call's; the call takes, in
+    that order, every request of that size while they fit `max_rows` transformer rows (a request
+    with classifier-free guidance counts twice). A request of that size that does not fit stops the
+    plan (no starvation of big requests); requests of other sizes wait until the first request is
+    of their size, that is until the requests before them have sent their last step (no
+    starvation of other sizes). Waiting requests taken join; running requests left out are paused:
+    their rows stay on the ranks, latents and scheduler state and all, and resume where they
+    stopped when they are taken again, with the image they would have had (each row has its own
+    scheduler and generator);
   - refuse: a request whose deadline cannot be met (now + its remaining steps x the recent time
     of a call) is answered `DeadlineExceeded` before it joins, instead of running late.
 After each call it reports a `step` event per forwarded request (its own step and step count, and
@@ -279,7 +281,9 @@ class StepScheduler:
         unsent = [e for e in self._everyone() if e.planned < e.steps]
         for entry in sorted(unsent, key=lambda e: e.order):
             size = entry.size if size is None else size
-            if entry.size != size or (rows and rows + entry.rows > budget):
+            if entry.size != size:
+                continue
+            if rows and rows + entry.rows > budget:
                 break
             chosen.append(entry)
             rows += entry.rows
