@@ -1,10 +1,12 @@
 """Step-level vs request batching in the denoiser, side by side in one run (one Ray cluster).
 
-The request mode's solo time per template sets the capacity (1 / the weighted mean solo latency);
-then each mode, interleaved (`--repeats` times, order alternating: request, step, step, request,
-...), is deployed, warmed up, and gets the same Poisson arrivals at each `--loads` fraction of that
-capacity, then a closed loop at `--saturation` clients for images/s. Prints the step / request
-ratios (p99 of the shortest requests, p50 of all, images/s at saturation) and writes report.json.
+The first mode's solo time per template (request mode by default) sets the capacity (1 / the
+weighted mean solo latency); then each mode, interleaved (`--repeats` times, order alternating:
+request, step, step, request, ...), is deployed, warmed up, and gets the same Poisson arrivals at
+each `--loads` fraction of that capacity, then a closed loop at `--saturation` clients for
+images/s. Prints the step / request ratios (p99 of the shortest requests, p50 of all, images/s at
+saturation) and writes report.json. A run too long for one sitting can be split: `--modes` runs
+one mode, `--capacity-from` reuses the first run's capacity, so the rates and arrivals match.
 
   python bench/bench_modes.py --workload bench/workloads/tiny-mixed-steps.json --loads 0.7 \\
       --requests 60 --repeats 2 --out bench/results/cpu-modes                 # configs/local.yaml
@@ -59,12 +61,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=None, help="start no mode run after this many seconds")
     p.add_argument("--timeout", type=float, default=300, help="client timeout per request (s)")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--modes", type=csv(str), default=list(MODES),
+                   help="the modes to run, in the first repeat's order (later repeats alternate)")
+    p.add_argument("--capacity-from", default=None,
+                   help="an earlier report.json of the same workload and config: its capacity (and so the"
+                   " same rates) instead of measuring solo times; for runs split over several invocations")
     p.add_argument("--out", default=None, help="output folder (default bench/results/modes-<date-time>)")
     ns = p.parse_args(argv)
     if ns.requests < 1 or ns.repeats < 1 or ns.solo < 1 or ns.saturation < 0:
         p.error("--requests, --repeats and --solo must be >= 1, --saturation >= 0")
     if not ns.loads or min(ns.loads) <= 0:
         p.error("--loads must be fractions > 0")
+    if not ns.modes or set(ns.modes) - set(MODES) or len(set(ns.modes)) < len(ns.modes):
+        p.error(f"--modes: one or both of {','.join(MODES)}")
     return ns
 
 
@@ -190,7 +199,7 @@ def run_modes(report: dict, args: dict, options: dict, cluster, templates: list[
     run's solo times); report.json is rewritten after every run, so a cut-short run keeps its figures."""
     rates: list[float] = []
     for repeat in range(ns.repeats):
-        for mode in (MODES if repeat % 2 == 0 else MODES[::-1]):
+        for mode in (ns.modes if repeat % 2 == 0 else ns.modes[::-1]):
             if ns.budget_s and time.perf_counter() - begin > ns.budget_s:
                 print(f"== {mode} #{repeat + 1}: skipped, past --budget-s", flush=True)
                 continue
@@ -231,7 +240,7 @@ def main(argv=None) -> int:
         "config": {"path": str(ns.config), "args": args},
         "workload": {"path": str(ns.workload), "templates": templates, "seed": ns.seed},
         "settings": {k: getattr(ns, k) for k in ("loads", "requests", "saturation", "solo", "repeats", "max_seconds")},
-        "capacity": None,
+        "capacity": json.loads(Path(ns.capacity_from).read_text())["capacity"] if ns.capacity_from else None,
         "runs": [],
     }
     cluster = RayCluster(device, replica_env(ns.config))
