@@ -6,7 +6,9 @@
 #   bash bench/gpu_speed.sh fp8       # fp8 (compiled) through the service vs in-process
 #   bash bench/gpu_speed.sh load      # the load harness: pipeline, naive server, ours (eager)
 #   bash bench/gpu_speed.sh modes512  # issue 12: step vs request batching, mixed 8/28 steps, 512^2
-#   bash bench/gpu_speed.sh modes1024 # the same at 1024^2 (fewer requests: a point takes minutes)
+#   bash bench/gpu_speed.sh modes1024 # the same at 1024^2 (fewer requests: a point takes minutes); both
+#                                     # modes take ~9 min: MODES=request, then MODES=step with
+#                                     # CAPACITY_FROM=$OUT/modes-1024-request/report.json fit 10-min calls
 #   bash bench/gpu_speed.sh plan      # issue 12: per-step cost of sending the plan to the rank
 # Results (JSON) go to $OUT (default /tmp/bench-out).
 set -euo pipefail
@@ -48,7 +50,8 @@ case "${1:?service, knobs, fp8, load, modes512, modes1024 or plan}" in
     python3 bench/bench_modes.py --config configs/flux-1gpu.yaml --model-path "$model" \
       --workload bench/workloads/flux-mixed-1024.json --denoiser '{"compile_blocks": false}' \
       --loads 0.5,0.8 --requests 12 --saturation 8 --solo 2 --repeats 1 --max-seconds 100 \
-      --budget-s "${BUDGET_S:-400}" --out "$out/modes-1024"
+      --modes "${MODES:-request,step}" ${CAPACITY_FROM:+--capacity-from "$CAPACITY_FROM"} \
+      --budget-s "${BUDGET_S:-400}" --out "$out/modes-1024-${MODES:-request,step}"
     ;;
   plan)
     python3 bench/bench_plan.py --config configs/flux-1gpu.yaml --model-path "$model" \
