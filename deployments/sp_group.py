@@ -251,6 +251,11 @@ class DenoiseWorker:
         self._forget_rows()
 
     @ray.method(concurrency_group="compute")
+    def rows_held(self) -> list:
+        """Ids of the requests whose rows this rank keeps between calls (step mode)."""
+        return list(self._rows)
+
+    @ray.method(concurrency_group="compute")
     def finish(self):
         """Rank 0's latents (the only ones fetched); None from the others."""
         run, self._run = self._run, None
@@ -398,6 +403,10 @@ class WorkerGroup:
     async def rows_reset(self) -> None:
         """Forget every row on every rank (after a failed `rows_step`)."""
         await self._each("rows_reset")
+
+    async def rows_held(self) -> list[list[str]]:
+        """Each rank's `rows_held`: what a scheduler with nothing running must find empty."""
+        return await self._each("rows_held")
 
     @staticmethod
     async def _first(results):

@@ -8,7 +8,8 @@ never waits for a batch of another key, only for the current step.
 Between two calls the scheduler, and only it, decides (the ranks never do):
   - stop: running or waiting requests whose stop flag is set (a DELETE anywhere, an ended job, a
     caller that went away: `StageProgress.stopped`) leave; running ones are dropped on the ranks
-    with the next call, and their callers get `Cancelled(id, "denoiser", steps done)`;
+    with the next call (a call that only drops, when nothing is left to compute), and their
+    callers get `Cancelled(id, "denoiser", steps done)`;
   - plan: every request here (running, paused or waiting) with steps left to send, in order of
     priority, then arrival. The first one's size (height, width) is the call's; the call takes, in
     that order, every request of that size while they fit `max_rows` transformer rows (a request
@@ -179,8 +180,8 @@ class StepScheduler:
         computes), or None."""
         await self.progress.flush()  # steps reported so far reach the log before flags are read
         stopped = await self.progress.stopped([e.id for e in self._everyone()])
-        # Their rows leave the ranks with the next call sent, whenever that is: if nothing is left to
-        # compute now, a later request's first call carries them (or they would be forwarded again).
+        # Their rows leave the ranks with the next call (or they would be forwarded again): with
+        # this one, or, if it is not sent (the group broke), with the first one that is.
         for rid in [rid for rid in self._running if rid in stopped]:
             entry = self._running.pop(rid)
             self._drops.append(rid)
@@ -190,8 +191,10 @@ class StepScheduler:
             self._end(entry, Cancelled(entry.id, STAGE, 0))
         joins, paused = self._plan()
         computed = [e for e in self._running.values() if e.id not in paused and e.planned < e.steps]
-        if not computed:
+        if not computed and not self._drops:
             return None
+        # With nothing to compute (the last running requests stopped), the call only drops rows:
+        # the ranks then keep none of a request that has ended.
         previews = {}  # request id -> (the step this call takes it to, preview index)
         for entry in computed:
             entry.planned += 1
@@ -199,12 +202,12 @@ class StepScheduler:
             if index is not None:
                 previews[entry.id] = (entry.planned, index)
         joined = [(e.id, stack_inputs([e.item])) for e in joins]
-        drops, self._drops = self._drops, []
         try:
-            call = self.group.rows_step(joined, drops, paused, list(previews))
+            call = self.group.rows_step(joined, self._drops, paused, list(previews))
         except WorkerGroupBroken as exc:
             self._broken(exc)
             return None
+        self._drops = []
         return call, computed, previews
 
     async def _receive(self, in_flight: deque) -> None:

@@ -219,6 +219,63 @@ def test_a_cancelled_request_that_was_alone_leaves_the_ranks_too(group, store):
     assert_alone(group, c, got_c, "cancelled-alone")
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_seeded_mix_of_sizes_priorities_and_cancels_ends_clean(group, store, seed):
+    """Ten requests of two sizes, 2-8 steps, three guidance scales and three priorities, arriving in
+    waves (each wave once the one before has a step logged), a third of them cancelled after one or
+    two of their steps. Every request ends: a cancelled one with `Cancelled` (or its latents, when
+    the cancel came after its last step was sent), every other one with the latents it gets alone;
+    nothing is left waiting, running, or held on the ranks."""
+    import random
+
+    from deployments.payloads import Cancelled
+
+    rng = random.Random(seed)
+    plan = []
+    for i in range(10):
+        width, height = rng.choice([(128, 64), (64, 64)])
+        steps = rng.randint(2, 8)
+        cancel_after = rng.choice([None, None, 1, min(2, steps - 1)])
+        plan.append((f"m{seed}-{i}", steps, rng.choice([1.0, 3.5, 5.0]), width, height, rng.choice([0, 1, 2]), cancel_after))
+    items = {
+        job: item(store, job, steps, guidance, 500 * seed + n, width=width, height=height, priority=priority)
+        for n, (job, steps, guidance, width, height, priority, _) in enumerate(plan)
+    }
+
+    async def cancel_after(job: str, steps: int):
+        await until(store, job, steps)
+        await asyncio.to_thread(store.request_cancel, job, retention_s=60)
+
+    async def scenario():
+        sched = scheduler(group, store, max_rows=4)
+        calls, cancels = {}, []
+        for wave in (plan[:4], plan[4:7], plan[7:]):
+            for job, *_, after in wave:
+                calls[job] = asyncio.ensure_future(sched.submit(items[job]))
+                if after is not None:
+                    cancels.append(asyncio.ensure_future(cancel_after(job, after)))
+            await until(store, wave[0][0], 1)  # the next wave comes while this one runs
+        results = {job: await call for job, call in calls.items()}
+        for task in cancels:
+            task.cancel()  # a cancel whose step never came (the request had ended) is moot
+        await asyncio.gather(*cancels, return_exceptions=True)
+        await sched.progress.flush()
+        assert not sched._running and not sched._waiting and not sched._drops
+        return results, await group.rows_held()
+
+    results, held = asyncio.run(scenario())
+    assert held == [[]], held
+    cancelled = 0
+    for job, steps, *_, after in plan:
+        got = results[job]
+        if isinstance(got, Cancelled):
+            assert after is not None and got.steps_done < steps, (job, got)
+            cancelled += 1
+        else:
+            assert_alone(group, items[job], got, f"mix{seed}")
+    print(f"\nseeded mix {seed}: {cancelled} cancelled of {sum(p[6] is not None for p in plan)} asked")
+
+
 def test_a_request_of_another_size_waits_for_the_older_ones_only(group, store):
     """The oldest request's size runs, with every request of that size that fits: c (a's size,
     after b) joins a at once, while b (another size) waits for a, the oldest, to send its last
