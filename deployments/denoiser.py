@@ -4,9 +4,9 @@ of worker actors (one per GPU; a sequence-parallel group when there are several)
 By default (`denoiser.batching.mode: step`, unless cfg_degree 2 or a step cache asks for the request
 mode) requests join and leave a running batch at step boundaries (`deployments.step_scheduler`).
 In the request mode a batch is split by batch key (size, steps, guidance); each group runs through
-`run_group`, which stops cancelled requests between steps (see `deployments.denoise_loop`). Every image gets its own
-`torch.Generator` from its seed and every batch its own scheduler, so an image depends only on its
-own request. Failures are per request: a broken worker group gives a retryable 503, a batch out of
+`run_group`, which stops cancelled requests between steps (see `deployments.denoise_loop`). Every
+image gets its own `torch.Generator` from its seed and every batch (or row) its own scheduler, so
+an image depends only on its own request. Failures are per request: a broken worker group gives a retryable 503, a batch out of
 device memory runs again in halves and only an image that does not fit alone fails its request with
 a 400 naming `size` (`deployments.denoise_split`; never a breakage), anything else a 500 that
 carries the request id. At start the replica checks that the largest batch the config admits fits
