@@ -66,3 +66,15 @@ def s3_endpoint():
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures(...)`), as the
+    reference pipelines run: CPU reductions round differently on other thread counts."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -175,3 +175,22 @@ def run_row_alone(dn, row):
 def max_abs_diff(a, b) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a - b).abs().max().item()
+
+
+def guided_inputs(cond, uncond, sampling):
+    """`DenoiseInputs` from a TextEncoding's `encode_prompt` results, as the TextEncoder stage hands
+    them on: `uncond` (the negative prompts' encoding) None without classifier-free guidance."""
+    from deployments.families.base import DenoiseInputs
+
+    def negative(name):
+        return None if uncond is None else getattr(uncond, name)
+
+    return DenoiseInputs(
+        prompt_embeds=cond.prompt_embeds,
+        pooled_prompt_embeds=cond.pooled_prompt_embeds,
+        prompt_attention_mask=cond.prompt_attention_mask,
+        negative_prompt_embeds=negative("prompt_embeds"),
+        negative_pooled_prompt_embeds=negative("pooled_prompt_embeds"),
+        negative_prompt_attention_mask=negative("prompt_attention_mask"),
+        sampling=sampling,
+    )

@@ -15,6 +15,7 @@ import torch
 from deployments.families.base import DenoiseInputs, LoadSpec
 from deployments.families.specs import family_spec, load_family
 from deployments.sampling import SamplingParams
+from tests.helpers import guided_inputs
 
 PIPELINES = {"sd3": "StableDiffusion3Pipeline", "pixart": "PixArtSigmaPipeline"}
 
@@ -36,15 +37,7 @@ class Chain:
         # Prompts in one batch, negative prompts in a second one, as the TextEncoder stage does.
         cond = self.encode(prompts)
         uncond = self.encode(negatives) if guidance > 1 else None
-        return DenoiseInputs(
-            prompt_embeds=cond.prompt_embeds,
-            pooled_prompt_embeds=cond.pooled_prompt_embeds,
-            prompt_attention_mask=cond.prompt_attention_mask,
-            negative_prompt_embeds=None if uncond is None else uncond.prompt_embeds,
-            negative_pooled_prompt_embeds=None if uncond is None else uncond.pooled_prompt_embeds,
-            negative_prompt_attention_mask=None if uncond is None else uncond.prompt_attention_mask,
-            sampling=SamplingParams(height, width, steps, guidance, tuple(seeds)),
-        )
+        return guided_inputs(cond, uncond, SamplingParams(height, width, steps, guidance, tuple(seeds)))
 
     def images(self, *args, drop_at=None, keep=None):
         inputs = self.inputs(*args)

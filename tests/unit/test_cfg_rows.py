@@ -11,7 +11,7 @@ import torch
 from deployments.families.base import DenoiseInputs, LoadSpec
 from deployments.families.specs import family_spec, load_family
 from deployments.sampling import SamplingParams
-from tests.helpers import max_abs_diff as max_diff, run_row_alone as alone
+from tests.helpers import guided_inputs, max_abs_diff as max_diff, run_row_alone as alone
 
 PIPELINES = {"sd3": "StableDiffusion3Pipeline", "pixart": "PixArtSigmaPipeline"}
 
@@ -27,13 +27,7 @@ PIPELINES = {"sd3": "StableDiffusion3Pipeline", "pixart": "PixArtSigmaPipeline"}
 TOLERANCE = {"sd3": 6e-6, "pixart": 1e-6}  # sd3: absolute; pixart: times the latents' scale
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """As the reference pipeline does: CPU reductions round differently on other thread counts."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=["sd3", "pixart"])
@@ -52,15 +46,7 @@ def inputs_for(te, prompt, negative, seeds, steps, guidance, width=64, height=64
     n = len(seeds)
     cond = te.encode_prompt(te.tokenize([prompt] * n))
     uncond = te.encode_prompt(te.tokenize([negative] * n)) if guidance > 1 else None
-    return DenoiseInputs(
-        prompt_embeds=cond.prompt_embeds,
-        pooled_prompt_embeds=cond.pooled_prompt_embeds,
-        prompt_attention_mask=cond.prompt_attention_mask,
-        negative_prompt_embeds=None if uncond is None else uncond.prompt_embeds,
-        negative_pooled_prompt_embeds=None if uncond is None else uncond.pooled_prompt_embeds,
-        negative_prompt_attention_mask=None if uncond is None else uncond.prompt_attention_mask,
-        sampling=SamplingParams(height, width, steps, guidance, tuple(seeds)),
-    )
+    return guided_inputs(cond, uncond, SamplingParams(height, width, steps, guidance, tuple(seeds)))
 
 
 def test_a_row_with_cfg_alone_equals_the_pipeline(family):

@@ -12,13 +12,7 @@ from deployments.sampling import SamplingParams
 from tests.helpers import max_level_diff
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """As the reference pipeline does: CPU reductions round differently on other thread counts."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,7 @@ from tests.unit.test_flux_family import inputs_for
 from tests.helpers import max_abs_diff as max_diff, run_row_alone as alone
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """As the reference pipeline does: CPU reductions round differently on other thread counts."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,9 @@ import torch
 from deployments.families import flux
 from deployments.families.base import LoadSpec
 from deployments.families.speed import bucket_for
-from tests.unit.test_flux_family import inputs_for, one_thread  # noqa: F401 - fixture
+from tests.unit.test_flux_family import inputs_for
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPTS = ["a red fox", "a blue lighthouse", "a green field"]
 
