@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import count
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from deployments.families.base import (
     TokenizedPrompts,
     torch_dtype,
 )
-from deployments.families.rows import check_rows
+from deployments.families.rows import check_rows, row_tensors
 from deployments.families.speed import apply_speed_knobs, cache_context, new_run, padded_call
 from deployments.sampling import SamplingParams
 
@@ -316,12 +316,10 @@ class Denoising:
                     height=run.height,
                     width=run.width,
                     guidance=float(inputs.sampling.guidance_scale),
-                    latents=run.latents[i : i + 1],
                     image_ids=run.image_ids,
-                    prompt_embeds=run.prompt_embeds[i : i + 1],
-                    pooled_prompt_embeds=run.pooled_prompt_embeds[i : i + 1],
                     text_ids=run.text_ids,
                     key=next(self._row_keys),
+                    **row_tensors(run, FluxRow.TENSORS, i),
                 )
             )
         return rows
@@ -426,6 +424,8 @@ class FluxRun:
 class FluxRow:
     """One image between steps, for step-level batching: its own scheduler, timesteps and guidance,
     and its tensors (batch dimension 1)."""
+
+    TENSORS: ClassVar[tuple[str, ...]] = ("latents", "prompt_embeds", "pooled_prompt_embeds")
 
     scheduler: Any
     timesteps: torch.Tensor

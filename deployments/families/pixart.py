@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import count
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from deployments.families.base import (
 )
 from deployments.families.flux import t5_tokens
 from deployments.families.guidance import guided_prediction, guided_rows
-from deployments.families.rows import check_rows
+from deployments.families.rows import check_rows, row_tensors
 from deployments.families.speed import apply_speed_knobs, cache_context, new_run, padded_call
 from deployments.sampling import SamplingParams
 
@@ -238,9 +238,6 @@ class Denoising:
             if isinstance(step_kwargs.get("generator"), list):
                 step_kwargs["generator"] = step_kwargs["generator"][i : i + 1]
 
-            def row(tensor):
-                return None if tensor is None else tensor[i : i + 1]
-
             rows.append(
                 PixArtRow(
                     scheduler=scheduler,
@@ -250,12 +247,8 @@ class Denoising:
                     height=sampling.height,
                     width=sampling.width,
                     guidance_scale=float(sampling.guidance_scale),
-                    latents=row(run.latents),
-                    prompt_embeds=row(run.prompt_embeds),
-                    prompt_attention_mask=row(run.prompt_attention_mask),
-                    negative_prompt_embeds=row(run.negative_prompt_embeds),
-                    negative_prompt_attention_mask=row(run.negative_prompt_attention_mask),
                     key=next(self._row_keys),
+                    **row_tensors(run, PixArtRow.TENSORS, i),
                 )
             )
         return rows
@@ -396,6 +389,14 @@ class PixArtRow:
     """One image between steps, for step-level batching: its own scheduler (with its own multistep
     history), generator, timesteps and guidance, and its tensors (batch dimension 1; the negative
     ones None without CFG)."""
+
+    TENSORS: ClassVar[tuple[str, ...]] = (
+        "latents",
+        "prompt_embeds",
+        "prompt_attention_mask",
+        "negative_prompt_embeds",
+        "negative_prompt_attention_mask",
+    )
 
     scheduler: Any
     step_kwargs: dict

@@ -26,3 +26,9 @@ def check_rows(rows: Sequence[Any], denoising: Any) -> None:
     if keys != denoising.rows_forwarded:
         denoising.rows_forwarded = keys
         new_run(denoising.transformer)
+
+
+def row_tensors(run: Any, names: Sequence[str], i: int) -> dict:
+    """Image `i` of each of the run's batched tensors `names` (batch dimension kept; a tensor the
+    run does not have, such as the negative ones without CFG, stays None): a row's fields."""
+    return {name: None if getattr(run, name) is None else getattr(run, name)[i : i + 1] for name in names}

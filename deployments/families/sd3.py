@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import count
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from deployments.families.base import (
 )
 from deployments.families.flux import t5_tokens
 from deployments.families.guidance import guided_prediction, guided_rows
-from deployments.families.rows import check_rows
+from deployments.families.rows import check_rows, row_tensors
 from deployments.families.speed import apply_speed_knobs, cache_context, new_run, padded_call
 from deployments.sampling import SamplingParams
 
@@ -257,10 +257,6 @@ class Denoising:
         for i in range(run.rows):
             scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
             timesteps, steps = self.schedule(scheduler, run.latents, sampling.num_inference_steps)
-
-            def row(tensor):
-                return None if tensor is None else tensor[i : i + 1]
-
             rows.append(
                 SD3Row(
                     scheduler=scheduler,
@@ -269,12 +265,8 @@ class Denoising:
                     height=sampling.height,
                     width=sampling.width,
                     guidance_scale=float(sampling.guidance_scale),
-                    latents=row(run.latents),
-                    prompt_embeds=row(run.prompt_embeds),
-                    pooled_prompt_embeds=row(run.pooled_prompt_embeds),
-                    negative_prompt_embeds=row(run.negative_prompt_embeds),
-                    negative_pooled_prompt_embeds=row(run.negative_pooled_prompt_embeds),
                     key=next(self._row_keys),
+                    **row_tensors(run, SD3Row.TENSORS, i),
                 )
             )
         return rows
@@ -384,6 +376,14 @@ class SD3Run:
 class SD3Row:
     """One image between steps, for step-level batching: its own scheduler, timesteps and guidance,
     and its tensors (batch dimension 1; the negative ones None without CFG)."""
+
+    TENSORS: ClassVar[tuple[str, ...]] = (
+        "latents",
+        "prompt_embeds",
+        "pooled_prompt_embeds",
+        "negative_prompt_embeds",
+        "negative_pooled_prompt_embeds",
+    )
 
     scheduler: Any
     timesteps: torch.Tensor
